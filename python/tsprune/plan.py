@@ -1,0 +1,88 @@
+"""Masks -> repack plan -> physically smaller model; and the saved form of a pruned model.
+
+Stage of the flow: masks (from the Pruner or a user) + the adapter's coupled plan -> one
+``tsprune_kernels.repack`` call over every tensor whose shape changes -> a new model of the same
+class. ``save_pruned`` / ``load_pruned`` store the result as safetensors + a JSON plan, so loading
+needs neither the calibration run nor the masks.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import tsprune_kernels as K
+
+from .adapters.base import Adapter, Plan, Site
+from .masking import detach_masks
+
+
+@torch.no_grad()
+def fold_masks_(model: nn.Module, sites: list[Site], masks: dict[str, torch.Tensor]) -> None:
+    """W <- expand(m_out)[:, None] * W * expand(m_in)[None, :], b <- b * expand(m_out), in place.
+
+    After this the unmasked model computes what the masked one did, for any mask values."""
+    for s in sites:
+        lin = model.get_submodule(s.path)
+        w = lin.weight
+        if s.mask_out is not None and s.mask_name("out") in masks:
+            m = masks[s.mask_name("out")].to(w.dtype).repeat_interleave(s.mask_out.block)
+            w.mul_(m[:, None])
+            if lin.bias is not None:
+                lin.bias.mul_(m)
+        if s.mask_in is not None and s.mask_name("in") in masks:
+            m = masks[s.mask_name("in")].to(w.dtype).repeat_interleave(s.mask_in.block)
+            w.mul_(m[None, :])
+
+
+def _index(v, device) -> torch.Tensor | None:
+    if v is None:
+        return None
+    return torch.as_tensor(v, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def repack_model(
+    model: nn.Module, adapter: Adapter, sites: list[Site], masks: dict[str, torch.Tensor]
+) -> tuple[nn.Module, Plan]:
+    """A new, physically smaller model computing what ``model`` masked by ``masks`` computes.
+
+    ``model`` is left as it was (masks attached or not). Returns (new_model, plan)."""
+    plan = adapter.plan(model, masks)
+    new = copy.deepcopy(model)
+    detach_masks(new)
+    fold_masks_(new, sites, masks)
+    sd = new.state_dict()
+    keys = list(plan.keep)
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise KeyError(f"plan keeps tensors the model does not have: {missing[:5]}")
+    dev = next(iter(sd.values())).device
+    gathered = K.repack(
+        [sd[k] for k in keys],
+        [_index(plan.keep[k].get("rows"), dev) for k in keys],
+        [_index(plan.keep[k].get("cols"), dev) for k in keys],
+    )
+    adapter.apply_plan(new, plan)
+    load_exact(new, {**sd, **dict(zip(keys, gathered))})
+    return new, plan
+
+
+def load_exact(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Assign ``tensors`` to every state-dict entry of ``model``; each must be present with the
+    model's shape (after apply_plan). Raises naming the first mismatches."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in tensors]
+    bad = [
+        f"{k}: model {tuple(target[k].shape)} vs given {tuple(tensors[k].shape)}"
+        for k in target
+        if k in tensors and tuple(target[k].shape) != tuple(tensors[k].shape)
+    ]
+    if missing or bad:
+        raise ValueError(
+            "pruned model and its tensors disagree: "
+            + (f"missing {missing[:5]} " if missing else "")
+            + (f"shape mismatch {bad[:5]}" if bad else "")
+        )
+    model.load_state_dict({k: tensors[k] for k in target}, strict=True, assign=True)

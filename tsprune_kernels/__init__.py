@@ -1,0 +1,49 @@
+"""tsprune_kernels: fused kernels for structured pruning during calibration.
+
+Public API (a stable contract; see docs/KERNELS.md for formulas and implementation notes):
+
+    masked_linear(x, weight, bias=None, mask_in=None, mask_out=None, block_in=1, block_out=1,
+                  *, grad_acc_in=None, grad_acc_out=None, sq_acc_in=None, sq_acc_out=None)
+    ScoreArena(specs, device)                     flat masks / scores / accumulators of a model
+    taylor_score, taylor2_score, fisher_score, magnitude_score, wanda_score, act_sq_accumulate_
+    ema_update_(imp, score, ema)
+    global_kth_smallest(tensors, k, ignore_zeros=True)
+    prune_lowest_(arena, k)
+    block_reduce(scores, block, op)               op in sum / mean / l2 / max
+    repack(tensors, keep_rows, keep_cols)
+    backends()                                     which implementation each op uses, and why
+"""
+from ._backend import backends
+from .arena import ScoreArena, StepResult
+from .ops.masked_linear import masked_linear
+from .ops.repack import repack
+from .ops.scores import (
+    act_sq_accumulate_,
+    block_reduce,
+    ema_update_,
+    fisher_score,
+    magnitude_score,
+    taylor2_score,
+    taylor_score,
+    wanda_score,
+)
+from .ops.select import global_kth_smallest, prune_lowest_
+
+__all__ = [
+    "ScoreArena",
+    "StepResult",
+    "act_sq_accumulate_",
+    "backends",
+    "block_reduce",
+    "ema_update_",
+    "fisher_score",
+    "global_kth_smallest",
+    "magnitude_score",
+    "masked_linear",
+    "prune_lowest_",
+    "repack",
+    "taylor2_score",
+    "taylor_score",
+    "wanda_score",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""One file per op: validation, custom-op registration, autograd and backend dispatch."""

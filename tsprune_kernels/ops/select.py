@@ -1,0 +1,63 @@
+"""Global selection over many score tensors: k-th smallest |value| and pruning of the k lowest."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _backend, reference
+
+
+def global_kth_smallest(tensors: Sequence[Tensor] | Tensor, k: int, ignore_zeros: bool = True) -> Tensor:
+    """The k-th smallest absolute value (1-based, torch.kthvalue semantics) over every element of
+    ``tensors``, without concatenating them; exact zeros are skipped when ``ignore_zeros``.
+
+    Returns a 0-d tensor (float32 for half inputs, else the input dtype) on the inputs' device.
+    Raises ValueError when k is outside [1, number of candidates] or a value is NaN / Inf."""
+    if isinstance(tensors, Tensor):
+        tensors = [tensors]
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("global_kth_smallest: empty list of tensors")
+    dtypes = {t.dtype for t in tensors}
+    devices = {t.device for t in tensors}
+    if len(dtypes) != 1 or not tensors[0].is_floating_point():
+        raise TypeError(f"global_kth_smallest: tensors must share one float dtype, got {sorted(map(str, dtypes))}")
+    if len(devices) != 1:
+        raise ValueError(f"global_kth_smallest: tensors on several devices: {sorted(map(str, devices))}")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"global_kth_smallest: k must be an int, got {type(k).__name__}")
+    if _backend.choose("global_kth_smallest", tensors[0].device).backend == "cpp":
+        try:
+            return _backend._C.kth_smallest_abs([t.detach() for t in tensors], k, ignore_zeros)
+        except RuntimeError as e:  # TORCH_CHECK messages -> the documented ValueError
+            raise ValueError(f"global_kth_smallest: {e}".split("\nException raised from")[0]) from None
+    return reference.kth_smallest_abs(tensors, k, ignore_zeros)
+
+
+def prune_lowest_(arena_or_mask, k: int, imp: Tensor | None = None) -> int:
+    """Prune in place: for the ``k`` live units (mask != 0) with the smallest nonzero |score| (ties:
+    lower flat index first), and for every live unit whose score is exactly 0, set mask and score
+    to 0. Returns how many units were pruned.
+
+    ``prune_lowest_(arena, k)`` works on a ScoreArena's flat mask / importance buffers;
+    ``prune_lowest_(mask, k, imp=scores)`` on any pair of equally shaped 1-D float32 tensors."""
+    if imp is None:
+        mask, imp = arena_or_mask.mask, arena_or_mask.imp
+    else:
+        mask = arena_or_mask
+    if mask.shape != imp.shape or mask.dim() != 1:
+        raise ValueError(f"prune_lowest_: mask {tuple(mask.shape)} and scores {tuple(imp.shape)} must be equal 1-D")
+    if int(k) < 0:
+        raise ValueError(f"prune_lowest_: k must be >= 0, got {k}")
+    if not bool(torch.isfinite(imp).all()):
+        raise ValueError("prune_lowest_: scores contain NaN or Inf")
+    if (
+        _backend.choose("prune_lowest_", mask.device).backend == "cpp"
+        and mask.dtype == imp.dtype == torch.float32
+        and mask.is_contiguous()
+        and imp.is_contiguous()
+    ):
+        return int(_backend._C.prune_lowest_(mask, imp, int(k)))
+    return reference.prune_lowest_(mask, imp, int(k))

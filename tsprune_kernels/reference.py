@@ -1,0 +1,218 @@
+"""Pure-torch implementation of every op: the last fallback, and the tests' oracle (run in float64).
+
+Everything here is plain, vectorised torch on any device and dtype. Block masks are expanded by a
+broadcasting view (``[..., units, block] * m[:, None]``), never by materialising a channel-level mask.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def apply_block_mask(t: Tensor, mask: Tensor | None, block: int) -> Tensor:
+    """``t * expand(mask)`` along the last dim, ``expand`` repeating each entry over ``block`` channels."""
+    if mask is None:
+        return t
+    shape = t.shape
+    return (t.unflatten(-1, (mask.numel(), block)) * mask.to(t.dtype).unsqueeze(-1)).reshape(shape)
+
+
+def block_sum(t: Tensor, block: int) -> Tensor:
+    """Sum ``block`` consecutive entries of the last dim."""
+    return t.unflatten(-1, (t.shape[-1] // block, block)).sum(-1)
+
+
+def masked_linear(x, weight, bias=None, mask_in=None, mask_out=None, block_in=1, block_out=1) -> Tensor:
+    """((x * expand(mask_in)) @ weight.T + bias) * expand(mask_out), by the formula (autograd-able)."""
+    y = F.linear(apply_block_mask(x, mask_in, block_in), weight, bias)
+    return apply_block_mask(y, mask_out, block_out)
+
+
+def masked_linear_fwd(x2, weight, bias, mask_in, mask_out, block_in, block_out) -> Tensor:
+    return masked_linear(x2, weight, bias, mask_in, mask_out, block_in, block_out)
+
+
+def _per_sample_block_sums(prod: Tensor, tokens_per_sample: int, block: int) -> Tensor:
+    """prod [T, C] (fp32) -> [samples, C // block]: per-sample, per-unit sums."""
+    t, c = prod.shape
+    return prod.view(t // tokens_per_sample, tokens_per_sample, c // block, block).sum((1, 3))
+
+
+def masked_linear_bwd(
+    gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
+    need_x, need_weight, need_bias, need_mask_in, need_mask_out,
+    acc_in, acc_out, sq_in, sq_out,
+):
+    """Backward of masked_linear on 2-D operands (see docs/KERNELS.md for the formulas).
+
+    Returns (dx, dweight, dbias, dmask_in, dmask_out); entries not needed are None. Mask gradients
+    are fp32 (fp64 for fp64 inputs); accumulators are updated in place."""
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+    go = apply_block_mask(gy, mask_out, block_out)
+    want_in = mask_in is not None and (need_mask_in or acc_in is not None or sq_in is not None)
+    want_out = mask_out is not None and (need_mask_out or acc_out is not None or sq_out is not None)
+    dx = dweight = dbias = dmask_in = dmask_out = None
+    if need_x or want_in:
+        dxm = go @ weight
+        if need_x:
+            dx = apply_block_mask(dxm, mask_in, block_in)
+        if want_in:
+            per = _per_sample_block_sums(dxm.to(acc_t) * x.to(acc_t), tokens_per_sample, block_in)
+            dmask_in = per.sum(0)
+            _accumulate(acc_in, sq_in, dmask_in, per)
+    if want_out:
+        y_pre = F.linear(apply_block_mask(x, mask_in, block_in), weight, bias)
+        per = _per_sample_block_sums(gy.to(acc_t) * y_pre.to(acc_t), tokens_per_sample, block_out)
+        dmask_out = per.sum(0)
+        _accumulate(acc_out, sq_out, dmask_out, per)
+    if need_weight:
+        dweight = go.t() @ apply_block_mask(x, mask_in, block_in)
+    if need_bias:
+        dbias = go.sum(0)
+    return (
+        dx,
+        dweight,
+        dbias,
+        dmask_in if need_mask_in else None,
+        dmask_out if need_mask_out else None,
+    )
+
+
+def _accumulate(acc, sq, total, per):
+    if acc is not None:
+        acc.add_(total.to(acc.dtype))
+    if sq is not None:
+        sq.add_(per.square().sum(0).to(sq.dtype))
+
+
+# -- scores --------------------------------------------------------------------------------------
+
+def block_reduce(scores: Tensor, block: int, op: str = "sum") -> Tensor:
+    """[..., F] -> [..., F // block] reducing ``block`` consecutive entries with sum / mean / l2 / max."""
+    v = scores.unflatten(-1, (scores.shape[-1] // block, block))
+    if op == "sum":
+        return v.sum(-1)
+    if op == "mean":
+        return v.mean(-1)
+    if op == "l2":
+        return v.square().sum(-1).sqrt()
+    if op == "max":
+        return v.amax(-1)
+    raise ValueError(f"block_reduce op must be one of sum, mean, l2, max; got {op!r}")
+
+
+def taylor_score(grad: Tensor, mask: Tensor) -> Tensor:
+    return -grad * mask
+
+
+def taylor2_score(grad: Tensor, sq: Tensor) -> Tensor:
+    return -grad + 0.5 * sq
+
+
+def fisher_score(sq: Tensor) -> Tensor:
+    return sq.clone()
+
+
+def magnitude_score(weight: Tensor, dim: int, block: int = 1) -> Tensor:
+    """L2 norm of each output row (dim=0) or input column (dim=1) of ``weight``, per unit of ``block``."""
+    w = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+    sq = w.square().sum(1 if dim == 0 else 0)
+    return block_reduce(sq, block, "sum").sqrt()
+
+
+def wanda_score(act_sq: Tensor, weight: Tensor, block: int = 1) -> Tensor:
+    """Per input channel ``||X_j||_2 * ||W[:, j]||_2`` (act_sq = sum of x_j**2), summed per unit."""
+    w = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+    per = act_sq.to(w.dtype).sqrt() * w.square().sum(0).sqrt()
+    return block_reduce(per, block, "sum")
+
+
+def act_sq_accumulate_(x: Tensor, acc: Tensor) -> Tensor:
+    acc.add_(x.reshape(-1, x.shape[-1]).to(acc.dtype).square().sum(0))
+    return acc
+
+
+def ema_update_(imp: Tensor, score: Tensor, ema: float) -> Tensor:
+    return imp.mul_(1.0 - ema).add_(score.to(imp.dtype), alpha=ema)
+
+
+# -- selection -----------------------------------------------------------------------------------
+
+_ORDERED_BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
+
+
+def kth_smallest_abs(tensors: list[Tensor], k: int, ignore_zeros: bool = True) -> Tensor:
+    """k-th smallest |v| over all tensors by radix select on the float bit pattern: per pass one
+    histogram of 8 bits per tensor (bincount), no concatenation and no sort. fp16/bf16 upcast exactly."""
+    dtype = tensors[0].dtype
+    work_t = torch.float32 if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float64
+    int_t, nbits = _ORDERED_BITS[work_t]
+    flats = [t.detach().reshape(-1).to(work_t).abs() for t in tensors]
+    for f in flats:
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError("global_kth_smallest: non-finite value (NaN or Inf) in the scores")
+    # |v| >= 0, so its bit pattern read as a signed integer is ordered like the value.
+    bits = [f.view(int_t) for f in flats]
+    keep = [(b != 0) if ignore_zeros else torch.ones_like(b, dtype=torch.bool) for b in bits]
+    count = sum(int(kp.sum()) for kp in keep)
+    if not 1 <= k <= count:
+        raise ValueError(f"global_kth_smallest: k={k} out of range [1, {count}] (candidates)")
+    prefix = 0  # the high bits chosen so far
+    remaining = k
+    for shift in range(nbits - 8, -1, -8):
+        hist = torch.zeros(256, dtype=torch.int64, device=flats[0].device)
+        for b, kp in zip(bits, keep):
+            sel = b[kp]
+            hi = sel >> (shift + 8) if shift + 8 < nbits else torch.zeros_like(sel)
+            digit = ((sel >> shift) & 0xFF)[hi == (prefix >> (shift + 8) if shift + 8 < nbits else 0)]
+            hist += torch.bincount(digit.long(), minlength=256)
+        csum = hist.cumsum(0)
+        d = int(torch.searchsorted(csum, torch.tensor(remaining, device=csum.device)))
+        remaining -= int(csum[d - 1]) if d > 0 else 0
+        prefix |= d << shift
+    out = torch.tensor(prefix, dtype=int_t, device=flats[0].device).view(work_t)
+    return out.to(dtype) if dtype in (torch.float16, torch.bfloat16) else out
+
+
+def prune_lowest_(mask: Tensor, imp: Tensor, k: int) -> int:
+    """mask = imp = 0 for the k live units (mask != 0) of smallest nonzero |imp| (ties: lower index
+    first) and for live units with imp == 0. Returns how many were pruned."""
+    live = mask != 0
+    a = imp.abs()
+    zero = live & (a == 0)
+    cand = live & (a != 0)
+    n_cand = int(cand.sum())
+    k = min(int(k), n_cand)
+    sel = zero.clone()
+    if k > 0:
+        t = kth_smallest_abs([a[cand]], k, ignore_zeros=False)
+        less = cand & (a < t)
+        tie = cand & (a == t)
+        need = k - int(less.sum())
+        sel |= less | (tie & (tie.cumsum(0) <= need))
+    mask.masked_fill_(sel, 0)
+    imp.masked_fill_(sel, 0)
+    return int(sel.sum())
+
+
+# -- repack --------------------------------------------------------------------------------------
+
+def repack(tensors, keep_rows, keep_cols):
+    out = []
+    for t, r, c in zip(tensors, keep_rows, keep_cols):
+        v = t if r is None else t.index_select(0, r)
+        if c is not None:
+            v = v.index_select(1, c)
+        v = v.contiguous()
+        if v.data_ptr() == t.data_ptr() and t.numel() > 0:
+            v = v.clone()
+        out.append(v)
+    return out
+
+
+def ceil_ratio(r: float, n: int) -> int:
+    return int(math.ceil(r * n - 1e-9))
