@@ -1,0 +1,232 @@
+"""masked_linear against float64 autograd of the formula, on fresh random inputs."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import tsprune_kernels as K
+from tsprune_kernels import reference as R
+
+# (dtype, atol, rtol) of the fast path vs an fp64 oracle. Half types are judged against the error
+# of naive low-precision torch code on the same inputs (the kernel may not be worse than 2x + eps).
+TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-11, 1e-11)}
+
+
+def _masks(gen, n_units, kind, dtype=torch.float32):
+    if kind is None:
+        return None
+    if kind == "binary":
+        m = (torch.rand(n_units, generator=gen) > 0.35).to(dtype)
+        m[0] = 0.0  # always at least one zero entry: gradients at zeros must be exact too
+        return m
+    m = torch.rand(n_units, generator=gen).to(dtype) * 2 - 0.5  # non-binary, includes negatives
+    m[-1] = 0.0
+    return m
+
+
+def _case(gen, shape, k, n, bi, bo, kind_in, kind_out, bias=True):
+    x = torch.randn(*shape, k, generator=gen, dtype=torch.float64)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) / k**0.5
+    b = torch.randn(n, generator=gen, dtype=torch.float64) if bias else None
+    mi = _masks(gen, k // bi, kind_in, torch.float64)
+    mo = _masks(gen, n // bo, kind_out, torch.float64)
+    gy = torch.randn(*shape, n, generator=gen, dtype=torch.float64)
+    return x, w, b, mi, mo, gy
+
+
+def _oracle(x, w, b, mi, mo, bi, bo, gy, need_w=False):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b, mi, mo)]
+    xx, ww, bb, mmi, mmo = leaves
+    if not need_w:
+        ww.requires_grad_(False)
+        if bb is not None:
+            bb.requires_grad_(False)
+    y = R.masked_linear(xx, ww, bb, mmi, mmo, bi, bo)
+    y.backward(gy)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+SHAPES = [((5, 123), 77, 45, 7, 5), ((3, 7), 64, 96, 16, 32), ((1,), 12, 10, 1, 1), ((2, 3, 5), 30, 18, 3, 6)]
+
+
+@pytest.mark.parametrize("shape,k,n,bi,bo", SHAPES)
+@pytest.mark.parametrize("kinds", [("binary", "binary"), ("real", "real"), (None, "binary"), ("real", None), (None, None)])
+def test_forward_backward_fp32_vs_fp64(backend, gen, shape, k, n, bi, bo, kinds):
+    x, w, b, mi, mo, gy = _case(gen, shape, k, n, bi, bo, *kinds)
+    y_ref, (dx_ref, _, _, dmi_ref, dmo_ref) = _oracle(x, w, b, mi, mo, bi, bo, gy)
+    f = lambda t: None if t is None else t.float().detach().clone().requires_grad_(True)  # noqa: E731
+    xx, mmi, mmo = f(x), f(mi), f(mo)
+    y = K.masked_linear(xx, w.float(), b.float(), mmi, mmo, bi, bo)
+    y.backward(gy.float())
+    atol, rtol = TOL[torch.float32]
+    scale = max(1.0, float(y_ref.abs().max()))
+    torch.testing.assert_close(y.double(), y_ref, atol=atol * scale, rtol=rtol)
+    torch.testing.assert_close(xx.grad.double(), dx_ref, atol=atol * scale, rtol=rtol)
+    # mask gradients sum over all tokens of a unit: tolerance grows with the number of terms
+    terms = x.numel() // k * max(bi, bo)
+    if mi is not None:
+        torch.testing.assert_close(mmi.grad.double(), dmi_ref, atol=atol * terms**0.5 * scale, rtol=1e-4)
+    if mo is not None:
+        torch.testing.assert_close(mmo.grad.double(), dmo_ref, atol=atol * terms**0.5 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("need_w", [True, False])
+def test_fp64_exact_all_grads(backend, gen, need_w):
+    x, w, b, mi, mo, gy = _case(gen, (4, 9), 24, 20, 4, 5, "real", "binary")
+    y_ref, grads_ref = _oracle(x, w, b, mi, mo, 4, 5, gy, need_w=need_w)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b, mi, mo)]
+    if not need_w:
+        leaves[1].requires_grad_(False)
+        leaves[2].requires_grad_(False)
+    y = K.masked_linear(*leaves, 4, 5)
+    y.backward(gy)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    for got, ref in zip([t.grad for t in leaves], grads_ref):
+        if ref is None:
+            continue
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_error_no_worse_than_naive(backend, gen, dtype):
+    x, w, b, mi, mo, gy = _case(gen, (5, 33), 77, 48, 7, 4, "binary", "real")
+    y_ref, (dx_ref, _, _, dmi_ref, dmo_ref) = _oracle(x, w, b, mi, mo, 7, 4, gy)
+    # naive low-precision code: autograd of the formula in `dtype`
+    h = lambda t: None if t is None else t.to(dtype).detach().clone().requires_grad_(True)  # noqa: E731
+    xn, min_, mon = h(x), h(mi), h(mo)
+    yn = R.masked_linear(xn, w.to(dtype), b.to(dtype), min_, mon, 7, 4)
+    yn.backward(gy.to(dtype))
+    xk, mik, mok = h(x), mi.float().clone().requires_grad_(True), mo.float().clone().requires_grad_(True)
+    yk = K.masked_linear(xk, w.to(dtype), b.to(dtype), mik, mok, 7, 4)
+    assert yk.dtype == dtype
+    yk.backward(gy.to(dtype))
+    for got, naive, ref in [(yk, yn, y_ref), (xk.grad, xn.grad, dx_ref), (mik.grad, min_.grad, dmi_ref), (mok.grad, mon.grad, dmo_ref)]:
+        err = (got.double() - ref).abs().max().item()
+        err_naive = (naive.double() - ref).abs().max().item()
+        assert err <= 2 * err_naive + 1e-3 * ref.abs().max().item(), (err, err_naive)
+
+
+def test_accumulators_match_per_sample_loop(backend, gen):
+    """grad_acc == total mask gradient; sq_acc == sum_i g_i**2 with g_i from a per-sample autograd loop."""
+    b_, t_, k, n, bi, bo = 6, 11, 20, 12, 2, 3
+    x, w, b, mi, mo, gy = _case(gen, (b_, t_), k, n, bi, bo, "binary", "real")
+    gi_in, gi_out = [], []
+    for i in range(b_):
+        _, grads = _oracle(x[i : i + 1], w, b, mi, mo, bi, bo, gy[i : i + 1])
+        gi_in.append(grads[3])
+        gi_out.append(grads[4])
+    gi_in, gi_out = torch.stack(gi_in), torch.stack(gi_out)
+    acc_in = torch.full((k // bi,), 0.5)  # accumulators ADD to what is there
+    acc_out = torch.zeros(n // bo)
+    sq_in = torch.ones(k // bi)
+    sq_out = torch.zeros(n // bo)
+    mik = mi.float().requires_grad_(True)
+    mok = mo.float().requires_grad_(True)
+    y = K.masked_linear(x.float(), w.float(), b.float(), mik, mok, bi, bo,
+                        grad_acc_in=acc_in, grad_acc_out=acc_out, sq_acc_in=sq_in, sq_acc_out=sq_out)
+    y.backward(gy.float())
+    assert mik.grad is None and mok.grad is None  # gradients went to the accumulators only
+    tol = dict(atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(acc_in.double(), 0.5 + gi_in.sum(0), **tol)
+    torch.testing.assert_close(acc_out.double(), gi_out.sum(0), **tol)
+    torch.testing.assert_close(sq_in.double(), 1.0 + gi_in.square().sum(0), **tol)
+    torch.testing.assert_close(sq_out.double(), gi_out.square().sum(0), **tol)
+
+
+def test_frozen_weight_computes_no_weight_grad(backend, gen):
+    x, w, b, mi, mo, gy = _case(gen, (3, 5), 16, 8, 1, 1, "binary", "binary")
+    w = w.float()
+    mik = mi.float().requires_grad_(True)
+    y = K.masked_linear(x.float(), w, None, mik, None)
+    y.backward(gy.float())
+    assert w.grad is None and mik.grad is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(mask_in=torch.ones(5)), r"mask_in has shape \(5,\); expected \(8,\)"),
+        (dict(mask_in=torch.ones(3), block_in=3), r"8 input features are not divisible by mask_in block 3"),
+        (dict(mask_out=torch.ones(2), block_out=4), r"mask_out has shape \(2,\); expected \(1,\)"),
+        (dict(block_out=0), r"positive int"),
+        (dict(mask_in=torch.ones(8, dtype=torch.long)), r"float tensor"),
+    ],
+)
+def test_bad_masks_raise(kwargs, match):
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises((ValueError, TypeError), match=match):
+        K.masked_linear(x, w, **kwargs)
+
+
+def test_bad_operands_raise():
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="x has 7 features"):
+        K.masked_linear(torch.randn(2, 7), w)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        K.masked_linear(x, w.double())
+    with pytest.raises(ValueError, match="on meta"):
+        K.masked_linear(x, w, mask_in=torch.ones(8, device="meta"))
+    with pytest.raises(ValueError, match=r"grad_acc_in has shape \(3,\)"):
+        K.masked_linear(x, w, mask_in=torch.ones(8), grad_acc_in=torch.zeros(3))
+    with pytest.raises(ValueError, match="without the mask"):
+        K.masked_linear(x, w, grad_acc_out=torch.zeros(4))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        K.masked_linear(x, w, mask_out=torch.ones(4), sq_acc_out=torch.zeros(4, dtype=torch.float16))
+
+
+def test_non_contiguous_input_is_documented_copy(backend, gen):
+    x = torch.randn(16, 6, generator=gen).t()  # [6, 16] non-contiguous
+    w = torch.randn(5, 16, generator=gen)
+    m = (torch.rand(16, generator=gen) > 0.5).float()
+    torch.testing.assert_close(K.masked_linear(x, w, mask_in=m), R.masked_linear(x, w, mask_in=m))
+
+
+def test_nan_gradient_propagates_and_arena_refuses(backend):
+    arena = K.ScoreArena([("lin.in", 8, 1)])
+    x = torch.randn(2, 8, requires_grad=True)
+    w = torch.randn(3, 8)
+    y = K.masked_linear(x, w, mask_in=arena.mask_view("lin.in"), grad_acc_in=arena.grad_view("lin.in"))
+    g = torch.ones_like(y)
+    g[0, 0] = float("nan")
+    y.backward(g)
+    assert torch.isnan(arena.grad).any()
+    with pytest.raises(ValueError, match="non-finite .* lin.in"):
+        arena.step("taylor", ratio=0.1)
+
+
+def test_torch_compile_forward_backward(backend, gen):
+    lin = torch.nn.Linear(12, 10)
+    mi = (torch.rand(6, generator=gen) > 0.3).float().requires_grad_(True)
+    mo = torch.rand(10, generator=gen).requires_grad_(True)
+
+    def f(x):
+        return torch.relu(K.masked_linear(x, lin.weight, lin.bias, mi, mo, 2, 1)).sum()
+
+    x = torch.randn(3, 4, 12, generator=gen)
+    ref = f(x)
+    ref.backward()
+    g_ref = (mi.grad.clone(), mo.grad.clone())
+    mi.grad = mo.grad = None
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    got.backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close((mi.grad, mo.grad), g_ref)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    units_in=st.integers(1, 9), bi=st.sampled_from([1, 2, 3, 8]),
+    units_out=st.integers(1, 9), bo=st.sampled_from([1, 4, 5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_shape_sweep(lead, units_in, bi, units_out, bo, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k, n = units_in * bi, units_out * bo
+    x, w, b, mi, mo, gy = _case(gen, tuple(lead), k, n, bi, bo, "binary", "real")
+    y_ref, (dx_ref, _, _, dmi_ref, dmo_ref) = _oracle(x, w, b, mi, mo, bi, bo, gy)
+    leaves = [t.clone().requires_grad_(True) for t in (x, mi, mo)]
+    y = K.masked_linear(leaves[0], w, b, leaves[1], leaves[2], bi, bo)
+    y.backward(gy)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for got, ref in zip([t.grad for t in leaves], [dx_ref, dmi_ref, dmo_ref]):
+        torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
