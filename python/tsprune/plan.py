@@ -85,4 +85,19 @@ def load_exact(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             + (f"missing {missing[:5]} " if missing else "")
             + (f"shape mismatch {bad[:5]}" if bad else "")
         )
+    tied = _tied_slots(model)
     model.load_state_dict({k: tensors[k] for k in target}, strict=True, assign=True)
+    for slots in tied:  # assign=True gives every slot its own Parameter: tie them again
+        p = getattr(*slots[0])
+        for mod, name in slots[1:]:
+            setattr(mod, name, p)
+
+
+def _tied_slots(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameter slots (module, name) that share one Parameter (e.g. T5's shared / embed_tokens)."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((mod, name))
+    return [s for s in slots.values() if len(s) > 1]

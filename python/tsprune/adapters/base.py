@@ -141,12 +141,14 @@ class Adapter:
 class ZeroLinear(nn.Module):
     """Stands in for a Linear whose every output unit was pruned: returns its (masked) bias, or
     zeros, broadcast over the input's leading dims. Keeps ``in_features`` / ``out_features`` so code
-    that reads them still works; holds no weight."""
+    that reads them still works; holds no weight (``weight`` is a registered empty slot, None, so
+    code that inspects ``module.weight`` such as HF T5's dtype check still runs)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.register_parameter("weight", None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,374 @@
+"""T5 encoder-decoder family: Chronos-Bolt (default model of tsprune) and classic Chronos.
+
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Receives a ``ChronosBoltModelForForecasting`` (chronos-forecasting) or a ``ChronosModel`` wrapping a
+``T5ForConditionalGeneration``; hands on its sites (every q, k, v, o of SelfAttention and
+EncDecAttention, every DenseReluDense wi / wi_0 / wi_1 / wo, encoder and decoder), a plan from mask
+values, and the in-place restructuring for repack and load. It touches only the T5 stacks.
+
+Repacked attention (``PrunedT5Attention``, a T5Attention whose forward accepts per-layer shapes):
+
+* heads are removed per layer; q/k and v/o keep *separate* uniform head dims (each the largest number
+  of surviving dims among the layer's kept heads; a head with fewer pads with its own pruned dims,
+  whose folded weights are zero, so the result is exact). No max(q/k, v/o) padding is needed.
+* relative position bias: T5 computes it once, in block 0 of a stack, and passes it to later
+  blocks. After repack, block 0's table keeps the columns of the heads kept by *any* self-attention
+  layer of that stack (in original order); every self-attention layer holds ``bias_heads`` (a
+  non-persistent index buffer into those columns) and slices the shared bias to its own heads, so
+  each layer gets the bias of its heads computed from the original shared embedding. No 1/sqrt(d)
+  scaling, as in T5.
+* a layer with no head left computes o(empty) = 0 (o is a ZeroLinear); a layer whose heads have no
+  q/k dim left attends with scores = position bias only (q.k = 0), exactly as the masked model.
+* decoder self-attention over one token is kept as is (it adds o(v(x)); it is not zero).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.models.t5.modeling_t5 import (
+    ALL_ATTENTION_FUNCTIONS,
+    T5Attention,
+    T5DenseGatedActDense,
+    T5Stack,
+    eager_attention_forward,
+)
+
+from . import register
+from ._common import (
+    PlanBuilder,
+    act_at_zero,
+    apply_linears,
+    ffn_spec,
+    head_spec,
+    linear_live,
+    plan_channels,
+    plan_heads,
+    resolve_block,
+    residual_spec,
+)
+from .base import Adapter, Plan, Site
+
+
+class PrunedT5Attention(T5Attention):
+    """T5Attention with per-layer head count, separate q/k and v/o head dims and its own slice of
+    the stack's shared relative position bias. Attributes set by the adapter's apply_plan:
+    ``n_heads``, ``key_value_proj_dim`` (q/k head dim), ``v_head_dim``, ``inner_dim`` and the
+    buffer ``bias_heads`` (None for cross-attention, which has a zero bias in T5)."""
+
+    def forward(
+        self,
+        hidden_states,
+        mask=None,
+        key_value_states=None,
+        position_bias=None,
+        cache=None,
+        **kwargs,
+    ):
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        input_shape = hidden_states.shape[:-1]
+        n_heads, d_qk, d_v = self.n_heads, self.key_value_proj_dim, self.v_head_dim
+        past_seen = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        past_seen = past_seen.clone() if isinstance(past_seen, torch.Tensor) else past_seen
+        is_cross = key_value_states is not None
+
+        query = self.q(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
+
+        is_updated = False
+        if isinstance(cache, EncoderDecoderCache):
+            is_updated = cache.is_updated.get(self.layer_idx)
+            curr_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+        else:
+            curr_cache = cache
+        current = key_value_states if is_cross else hidden_states
+        if is_cross and cache is not None and is_updated:
+            key = curr_cache.layers[self.layer_idx].keys
+            value = curr_cache.layers[self.layer_idx].values
+        else:
+            lead = current.shape[:-1]
+            key = self.k(current).view(*lead, n_heads, d_qk).transpose(1, 2)
+            value = self.v(current).view(*lead, n_heads, d_v).transpose(1, 2)
+            if cache is not None:
+                key, value = curr_cache.update(key, value, self.layer_idx, kwargs=kwargs)
+                if is_cross and isinstance(cache, EncoderDecoderCache):
+                    cache.is_updated[self.layer_idx] = True
+        q_len, k_len = input_shape[1], key.shape[-2]
+
+        # The stack passes one bias between its layers (computed by block 0 over the table's
+        # columns); each layer takes its own heads from it.
+        shared = position_bias
+        if self.bias_heads is not None and (shared is not None or self.has_relative_attention_bias):
+            if shared is None:
+                shared = self.compute_bias(q_len, k_len, device=query.device, past_seen_tokens=past_seen)
+            bias = shared.index_select(1, self.bias_heads.to(shared.device))
+        else:
+            bias = torch.zeros((1, n_heads, q_len, k_len), device=query.device, dtype=query.dtype)
+
+        if n_heads == 0:
+            out = hidden_states.new_zeros((*input_shape, 0))
+            weights = None
+        else:
+            if d_qk == 0:  # no q/k dim left: q.k == 0, scores are the bias alone
+                query = query.new_zeros((*query.shape[:-1], 1))
+                key = key.new_zeros((*key.shape[:-1], 1))
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            out, weights = attention(
+                self,
+                query,
+                key,
+                value,
+                mask,
+                dropout=0.0 if not self.training else self.dropout,
+                scaling=self.scaling,
+                position_bias=bias,
+                **kwargs,
+            )
+            out = out.reshape(*input_shape, n_heads * d_v).contiguous()
+        return self.o(out), shared, weights
+
+
+class T5Adapter(Adapter):
+    """Sites / plan / restructuring of every T5Stack in a model (encoder and decoder)."""
+
+    family = "t5"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return False  # only the Chronos subclasses below are registered
+
+    # -- structure ------------------------------------------------------------------------------
+    @staticmethod
+    def _stacks(model: nn.Module) -> list[tuple[str, T5Stack]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, T5Stack)]
+
+    def _layout(self, model: nn.Module):
+        """[(stack_path, label, [(block_idx, [(kind, attn_path)], ffn_path, up_names)])]"""
+        out = []
+        for sp, stack in self._stacks(model):
+            label = sp.rsplit(".", 1)[-1]
+            blocks = []
+            for i, blk in enumerate(stack.block):
+                base = f"{sp}.block.{i}.layer"
+                attns = [("self_attn", f"{base}.0.SelfAttention")]
+                if blk.is_decoder:
+                    attns.append(("cross_attn", f"{base}.1.EncDecAttention"))
+                ffn_path = f"{base}.{len(blk.layer) - 1}.DenseReluDense"
+                ffn = model.get_submodule(ffn_path)
+                ups = ["wi_0", "wi_1"] if isinstance(ffn, T5DenseGatedActDense) else ["wi"]
+                blocks.append((i, attns, ffn_path, ups))
+            out.append((sp, label, blocks))
+        return out
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        sites: list[Site] = []
+        rb = resolve_block(self.block, "residual", resolve_block(self.block, "ffn"))
+        for _sp, label, blocks in self._layout(model):
+            for i, attns, ffn_path, ups in blocks:
+                layer = f"{label}.{i}"
+                for kind, ap in attns:
+                    att = model.get_submodule(ap)
+                    hs = head_spec(att.n_heads, att.key_value_proj_dim, self.heads)
+                    for name in ("q", "k", "v"):
+                        lin = model.get_submodule(f"{ap}.{name}")
+                        sites.append(
+                            Site(f"{ap}.{name}", residual_spec(lin.in_features, rb), hs, layer,
+                                 f"{kind}.{name}", residual_in=True)
+                        )
+                    o = model.get_submodule(f"{ap}.o")
+                    sites.append(
+                        Site(f"{ap}.o", hs, residual_spec(o.out_features, rb), layer, f"{kind}.o",
+                             residual_out=True)
+                    )
+                for name in ups:
+                    lin = model.get_submodule(f"{ffn_path}.{name}")
+                    b = resolve_block(self.block, f"ffn.{name}")
+                    sites.append(
+                        Site(f"{ffn_path}.{name}", residual_spec(lin.in_features, rb),
+                             ffn_spec(lin.out_features, b, f"{ffn_path}.{name}"), layer, f"ffn.{name}",
+                             residual_in=True)
+                    )
+                wo = model.get_submodule(f"{ffn_path}.wo")
+                b = resolve_block(self.block, "ffn.wo")
+                sites.append(
+                    Site(f"{ffn_path}.wo", ffn_spec(wo.in_features, b, f"{ffn_path}.wo"),
+                         residual_spec(wo.out_features, rb), layer, "ffn.wo", residual_out=True)
+                )
+        return sites
+
+    # -- plan -----------------------------------------------------------------------------------
+    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> Plan:
+        by_path = {s.path: s for s in self.sites(model)}
+        plan = Plan(family=self.family, extra={"heads": {}, "bias_heads": {}, "ffn": {}, "bias_tables": {}})
+        pb = PlanBuilder(plan)
+
+        def live(path):
+            return linear_live(model, by_path[path], masks)
+
+        for sp, _label, blocks in self._layout(model):
+            self_heads: dict[str, list[int]] = {}
+            for _i, attns, ffn_path, ups in blocks:
+                for kind, ap in attns:
+                    att = model.get_submodule(ap)
+                    lq, lk, lv, lo = (live(f"{ap}.{n}") for n in "qkvo")
+                    hp = plan_heads(att.n_heads, att.key_value_proj_dim, lq.out & lk.out, lv.out & lo.inp)
+                    pb.linear(model, f"{ap}.q", hp.qk_rows, None, zero=not bool(lq.inp.any()))
+                    pb.linear(model, f"{ap}.k", hp.qk_rows, None, zero=not bool(lk.inp.any()))
+                    pb.linear(model, f"{ap}.v", hp.v_rows, None, zero=not bool(lv.inp.any()))
+                    pb.linear(model, f"{ap}.o", None, hp.v_rows, zero=not bool(lo.inp.any()))
+                    plan.attrs[ap] = {
+                        "n_heads": len(hp.heads),
+                        "key_value_proj_dim": hp.qk_dim,
+                        "v_head_dim": hp.v_dim,
+                        "inner_dim": len(hp.heads) * hp.qk_dim,
+                    }
+                    plan.extra["heads"][ap] = hp.heads
+                    if kind == "self_attn":
+                        self_heads[ap] = hp.heads
+                # FFN channels: wo.in alive and the up projection(s) can make the channel nonzero
+                ffn = model.get_submodule(ffn_path)
+                a0 = act_at_zero(ffn.act) != 0
+                lo = live(f"{ffn_path}.wo")
+                lups = {n: live(f"{ffn_path}.{n}") for n in ups}
+                if len(ups) == 1:
+                    alive = lo.inp & (lups["wi"].out | a0)
+                else:  # act(wi_0 x) * (wi_1 x)
+                    alive = lo.inp & lups["wi_1"].out & (lups["wi_0"].out | a0)
+                keep = plan_channels(alive)
+                for n in ups:
+                    pb.linear(model, f"{ffn_path}.{n}", keep, None, zero=not bool(lups[n].inp.any()))
+                pb.linear(model, f"{ffn_path}.wo", None, keep, zero=not bool(lo.inp.any()))
+                plan.extra["ffn"][ffn_path] = len(keep)
+            # the stack's relative-position table (block 0) keeps the union of the kept heads
+            table_mod = f"{sp}.block.0.layer.0.SelfAttention"
+            att0 = model.get_submodule(table_mod)
+            if getattr(att0, "has_relative_attention_bias", False):
+                table = att0.relative_attention_bias
+                union = sorted(set().union(*self_heads.values())) if self_heads else []
+                cols = None if union == list(range(table.weight.shape[1])) else union
+                key = f"{table_mod}.relative_attention_bias.weight"
+                pb.param(key, [table.weight.shape[0], len(union)], None, cols)
+                plan.extra["bias_tables"][table_mod] = union
+                pos = {h: j for j, h in enumerate(union)}
+                for ap, heads in self_heads.items():
+                    plan.extra["bias_heads"][ap] = [pos[h] for h in heads]
+        return plan
+
+    # -- restructure ----------------------------------------------------------------------------
+    def apply_plan(self, model: nn.Module, plan: Plan) -> None:
+        apply_linears(model, plan)
+        for ap, attrs in plan.attrs.items():
+            att = model.get_submodule(ap)
+            if not isinstance(att, PrunedT5Attention):
+                att.__class__ = PrunedT5Attention
+            for k, v in attrs.items():
+                setattr(att, k, int(v))
+            idx = plan.extra.get("bias_heads", {}).get(ap)
+            dev = next((p.device for p in att.parameters()), torch.device("cpu"))
+            att.register_buffer(
+                "bias_heads",
+                None if idx is None else torch.tensor(idx, dtype=torch.long, device=dev),
+                persistent=False,
+            )
+        for key, shape in plan.params.items():
+            mod_path = key.rsplit(".", 1)[0]  # ...relative_attention_bias
+            old = model.get_submodule(mod_path)
+            w = old.weight
+            new = torch.nn.utils.skip_init(nn.Embedding, shape[0], shape[1], device=w.device, dtype=w.dtype)
+            parent, _, name = mod_path.rpartition(".")
+            setattr(model.get_submodule(parent), name, new)
+
+
+def _median_index(quantiles) -> int:
+    qs = [float(q) for q in quantiles]
+    return min(range(len(qs)), key=lambda i: abs(qs[i] - 0.5))
+
+
+@register
+class ChronosBoltAdapter(T5Adapter):
+    """Chronos-Bolt (``ChronosBoltModelForForecasting``): quantile loss, median point forecast.
+
+    loss: the model's own quantile loss; a target longer than ``prediction_length`` raises.
+    predict: the median quantile; horizons beyond ``prediction_length`` use Chronos-Bolt's own
+    autoregressive rollout (``ChronosBoltPipeline.predict``, quantile-expanded)."""
+
+    family = "chronos-bolt"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        try:
+            from chronos.chronos_bolt import ChronosBoltModelForForecasting
+        except ImportError:  # pragma: no cover - chronos-forecasting absent
+            return False
+        return isinstance(model, ChronosBoltModelForForecasting)
+
+    def loss(self, model, context, target):
+        p = model.chronos_config.prediction_length
+        if target.shape[-1] > p:
+            raise ValueError(
+                f"Chronos-Bolt loss: target length {target.shape[-1]} exceeds the model's "
+                f"prediction_length {p}; train on horizons <= {p}"
+            )
+        return model(context=context, target=target).loss
+
+    @torch.no_grad()
+    def predict(self, model, context, horizon):
+        p = model.chronos_config.prediction_length
+        mi = _median_index(model.chronos_config.quantiles)
+        if horizon <= p:
+            return model(context=context).quantile_preds[:, mi, :horizon]
+        from chronos.chronos_bolt import ChronosBoltPipeline
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = ChronosBoltPipeline(model).predict(context, prediction_length=horizon)
+        return q[:, mi, :horizon].to(device=context.device, dtype=context.dtype)
+
+
+@register
+class ChronosAdapter(T5Adapter):
+    """Classic Chronos (``chronos.ChronosModel`` around a T5ForConditionalGeneration).
+
+    loss: cross-entropy on the tokenised target (Chronos' mean-scale bins; a target shorter than
+    ``prediction_length`` is padded with NaN = ignored tokens, a longer one raises).
+    predict: median over ``num_samples`` sampled paths (``ChronosPipeline.predict``, which rolls out
+    autoregressively beyond ``prediction_length``); stochastic, as the model is."""
+
+    family = "chronos"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        try:
+            from chronos.chronos import ChronosModel
+        except ImportError:  # pragma: no cover
+            return False
+        return isinstance(model, ChronosModel) and bool(T5Adapter._stacks(model))
+
+    def loss(self, model, context, target):
+        cfg = model.config
+        p = cfg.prediction_length
+        h = target.shape[-1]
+        if h > p:
+            raise ValueError(f"Chronos loss: target length {h} exceeds prediction_length {p}")
+        if h < p:
+            pad = torch.full((*target.shape[:-1], p - h), float("nan"), dtype=target.dtype, device=target.device)
+            target = torch.cat([target, pad], dim=-1)
+        tok = cfg.create_tokenizer()
+        ids, attn, scale = tok.context_input_transform(context.detach().float().cpu())
+        labels, lmask = tok.label_input_transform(target.detach().float().cpu(), scale)
+        labels[~lmask] = -100
+        dev = next(model.parameters()).device
+        out = model.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), labels=labels.to(dev))
+        return out.loss
+
+    @torch.no_grad()
+    def predict(self, model, context, horizon):
+        from chronos.chronos import ChronosPipeline
+
+        pipe = ChronosPipeline(tokenizer=model.config.create_tokenizer(), model=model)
+        samples = pipe.predict(context.detach().float().cpu(), prediction_length=horizon)
+        return samples.median(dim=1).values[:, :horizon].to(device=context.device, dtype=context.dtype)

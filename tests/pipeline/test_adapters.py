@@ -1,0 +1,388 @@
+"""Model-family adapters: sites, masked forward, coupled plan, physical repack, reload.
+
+Every family is built from a scaled-down config (random init, no hub access) and checked for:
+(a) all-ones masks change nothing; (b) random masks (~40% zeros, some non-binary values, one layer
+with every head removed, one FFN removed), at head-dim and whole-head granularity: the repacked model
+computes the masked output (fp32 and float64) with strictly fewer parameters, and reloads from its
+JSON plan; (c) repack leaves the original model as it was; (d) masks get gradients through the
+adapter's loss.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from tsprune.adapters import Plan, ZeroLinear, get_adapter
+from tsprune.masking import attach_masks, detach_masks, is_masked
+from tsprune.plan import load_exact, repack_model
+
+warnings.filterwarnings("ignore", message=".*compiled CPU extension not loaded.*")
+
+
+# -- model cases ------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]  # fp32, eval mode, seeded
+    inputs: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # context, target (fp32)
+    output: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # deterministic output to compare
+    kill_heads: str  # a mask whose zeroing removes every head of one layer
+    kill_ffn: str  # a mask whose zeroing removes one whole FFN
+    block: int = 4  # FFN block of the adapter in these tests
+
+
+def _chronos_bolt() -> nn.Module:
+    from chronos.chronos_bolt import ChronosBoltModelForForecasting
+    from transformers import T5Config
+
+    torch.manual_seed(0)
+    cfg = T5Config(
+        d_model=64, d_kv=16, num_heads=2, d_ff=128, num_layers=2, num_decoder_layers=2,
+        feed_forward_proj="relu", vocab_size=2, decoder_start_token_id=0, pad_token_id=0,
+        initializer_factor=0.5,
+        chronos_config=dict(
+            context_length=64, prediction_length=16, input_patch_size=16, input_patch_stride=16,
+            quantiles=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], use_reg_token=True,
+        ),
+    )
+    return ChronosBoltModelForForecasting(cfg).eval()
+
+
+def _chronos_classic() -> nn.Module:
+    from chronos.chronos import ChronosConfig, ChronosModel
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cc = ChronosConfig(
+        tokenizer_class="MeanScaleUniformBins", tokenizer_kwargs={"low_limit": -15.0, "high_limit": 15.0},
+        context_length=48, prediction_length=8, n_tokens=96, n_special_tokens=2, pad_token_id=0,
+        eos_token_id=1, use_eos_token=True, model_type="seq2seq", num_samples=4, temperature=1.0,
+        top_k=50, top_p=1.0,
+    )
+    cfg = T5Config(
+        d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, num_decoder_layers=2,
+        feed_forward_proj="gated-gelu", vocab_size=96, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1, initializer_factor=0.5,
+    )
+    return ChronosModel(cc, T5ForConditionalGeneration(cfg)).eval()
+
+
+def _bolt_inputs(g):
+    return torch.randn(3, 64, generator=g) * 2 + 1, torch.randn(3, 16, generator=g) * 2 + 1
+
+
+def _classic_inputs(g):
+    return torch.randn(3, 48, generator=g) * 2 + 1, torch.randn(3, 8, generator=g) * 2 + 1
+
+
+def _bolt_output(model, context):
+    return model(context=context).quantile_preds
+
+
+def _classic_output(model, context):
+    """Teacher-forced logits over a fixed decoder sequence (encoder, decoder self/cross-attention)."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, 96, (context.shape[0], context.shape[1]), generator=g)
+    dec = torch.randint(2, 96, (context.shape[0], 5), generator=g)
+    return model.model(input_ids=ids, decoder_input_ids=dec).logits
+
+
+CASES = {
+    "chronos-bolt": Case(
+        "chronos-bolt", _chronos_bolt, _bolt_inputs, _bolt_output,
+        kill_heads="encoder.block.1.layer.0.SelfAttention.v.out",
+        kill_ffn="decoder.block.0.layer.2.DenseReluDense.wi.out",
+    ),
+    "chronos": Case(
+        "chronos", _chronos_classic, _classic_inputs, _classic_output,
+        kill_heads="model.decoder.block.1.layer.1.EncDecAttention.o.in",
+        kill_ffn="model.encoder.block.0.layer.1.DenseReluDense.wi_1.out",
+    ),
+}
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() counts tied tensors once
+
+
+def ones_masks(sites, dtype=torch.float32):
+    masks = {}
+    for s in sites:
+        for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
+            if spec is not None:
+                masks[s.mask_name(side)] = torch.ones(spec.units, dtype=dtype)
+    return masks
+
+
+def random_masks(sites, g, case: Case, dtype=torch.float32):
+    """~40% zeros on pruned axes (~10% on residual sides), ~15% non-binary values in (0.25, 1.5)."""
+    masks = {}
+    for s in sites:
+        for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
+            if spec is None:
+                continue
+            residual = s.residual_in if side == "in" else s.residual_out
+            p0 = 0.1 if residual else 0.4
+            m = (torch.rand(spec.units, generator=g) >= p0).to(torch.float64)
+            odd = torch.rand(spec.units, generator=g) < 0.15
+            vals = 0.25 + 1.25 * torch.rand(spec.units, generator=g, dtype=torch.float64)
+            masks[s.mask_name(side)] = torch.where(odd & (m > 0), vals, m).to(dtype)
+    for name in (case.kill_heads, case.kill_ffn):
+        assert name in masks, name
+        masks[name].zero_()
+    return masks
+
+
+def _forward(case, model, context):
+    with torch.no_grad():
+        return case.output(model, context)
+
+
+# -- (a) all-ones masks -----------------------------------------------------------------------------
+@pytest.mark.parametrize("heads", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_ones_masks_change_nothing(name, heads):
+    case = CASES[name]
+    model = case.build()
+    ad = get_adapter(model, heads=heads, block=case.block)
+    sites = ad.sites(model)
+    assert sites and all(isinstance(model.get_submodule(s.path), nn.Linear) for s in sites)
+    ctx, _ = case.inputs(torch.Generator().manual_seed(11))
+    ref = _forward(case, model, ctx)
+    attach_masks(model, sites, ones_masks(sites))
+    assert is_masked(model)
+    got = _forward(case, model, ctx)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
+# -- (b) random masks -> repack == masked ---------------------------------------------------------
+def _check_repack(case, heads, dtype, seed):
+    model = case.build().to(dtype)
+    ad = get_adapter(model, heads=heads, block=case.block)
+    sites = ad.sites(model)
+    masks = random_masks(sites, torch.Generator().manual_seed(seed), case, dtype)
+    ctx, tgt = case.inputs(torch.Generator().manual_seed(seed + 1))
+    ctx, tgt = ctx.to(dtype), tgt.to(dtype)
+    unmasked = _forward(case, model, ctx)
+    attach_masks(model, sites, masks)
+    ref = _forward(case, model, ctx)
+    assert (ref - unmasked).abs().max() > 1e-3, "masks should change the output"
+    new, plan = repack_model(model, ad, sites, masks)
+    assert not is_masked(new)
+    got = _forward(case, new, ctx)
+    scale = max(1.0, float(ref.abs().max()))
+    tol = (1e-5 if dtype == torch.float32 else 1e-10) * scale
+    assert float((got.double() - ref.double()).abs().max()) <= tol
+    with torch.no_grad():
+        l_ref, l_new = ad.loss(model, ctx, tgt), ad.loss(new, ctx, tgt)
+    assert abs(float(l_ref) - float(l_new)) <= tol
+    assert n_params(new) < n_params(model)
+    return model, new, plan, ad, masks, ctx
+
+
+@pytest.mark.parametrize("heads", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_repack_matches_masked_fp32(name, heads):
+    _, new, plan, _, _, _ = _check_repack(CASES[name], heads, torch.float32, seed=100 + heads)
+    # the killed layer lost every head, the killed FFN every channel; both became ZeroLinears
+    case = CASES[name]
+    att = case.kill_heads.rsplit(".", 2)[0]
+    assert plan.attrs[att]["n_heads"] == 0
+    projections = [k for k in plan.linears if k.rsplit(".", 1)[0] == att]
+    assert len(projections) == 4
+    for key in projections:
+        assert plan.linears[key]["zero"]
+        assert isinstance(new.get_submodule(key), ZeroLinear)
+    ffn = case.kill_ffn.rsplit(".", 2)[0]
+    zeros = [k for k in plan.linears if k.startswith(ffn + ".")]
+    assert zeros and all(plan.linears[k]["zero"] for k in zeros)
+
+
+@pytest.mark.parametrize("heads", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_repack_matches_masked_fp64(name, heads):
+    _check_repack(CASES[name], heads, torch.float64, seed=200 + heads)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plan_reloads_into_fresh_model(name):
+    """apply_plan(JSON plan) on a freshly built model + the repacked state dict == repacked model."""
+    case = CASES[name]
+    _, new, plan, ad, _, ctx = _check_repack(case, False, torch.float32, seed=300)
+    plan2 = Plan.from_json(json.loads(json.dumps(plan.to_json(with_keep=False))))
+    fresh = case.build()
+    ad.apply_plan(fresh, plan2)
+    load_exact(fresh, new.state_dict())
+    torch.testing.assert_close(_forward(case, fresh, ctx), _forward(case, new, ctx), atol=0, rtol=0)
+    assert n_params(fresh) == n_params(new)
+
+
+# -- (c) the original is untouched -------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CASES))
+def test_repack_leaves_original_unchanged(name):
+    case = CASES[name]
+    model = case.build()
+    ad = get_adapter(model, heads=False, block=case.block)
+    sites = ad.sites(model)
+    masks = random_masks(sites, torch.Generator().manual_seed(5), case)
+    attach_masks(model, sites, masks)
+    ctx, _ = case.inputs(torch.Generator().manual_seed(6))
+    before_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    before_types = {n: type(m) for n, m in model.named_modules()}
+    before_masks = {k: v.clone() for k, v in masks.items()}
+    before_out = _forward(case, model, ctx)
+    repack_model(model, ad, sites, masks)
+    after_sd = model.state_dict()
+    assert before_sd.keys() == after_sd.keys()
+    for k, v in before_sd.items():
+        assert torch.equal(v, after_sd[k]), k
+    assert {n: type(m) for n, m in model.named_modules()} == before_types
+    assert all(torch.equal(before_masks[k], masks[k]) for k in masks)
+    assert is_masked(model)
+    torch.testing.assert_close(_forward(case, model, ctx), before_out, atol=0, rtol=0)
+    detach_masks(model)
+
+
+# -- (d) gradients reach the masks ------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CASES))
+def test_masks_get_gradients_through_loss(name):
+    case = CASES[name]
+    model = case.build()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ad = get_adapter(model, heads=False, block=case.block)
+    sites = ad.sites(model)
+    masks = {k: v.requires_grad_(True) for k, v in ones_masks(sites).items()}
+    attach_masks(model, sites, masks)
+    ctx, tgt = case.inputs(torch.Generator().manual_seed(8))
+    loss = ad.loss(model, ctx, tgt)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    nonzero = 0
+    for k, m in masks.items():
+        assert m.grad is not None, k
+        assert torch.isfinite(m.grad).all(), k
+        nonzero += bool(m.grad.abs().sum() > 0)
+    assert nonzero >= 0.9 * len(masks)
+
+
+# -- family specifics -------------------------------------------------------------------------------
+def test_t5_sites_and_specs():
+    model = _chronos_bolt()
+    ad = get_adapter(model, heads=False, block=4)
+    assert ad.family == "chronos-bolt"
+    sites = ad.sites(model)
+    # 2 enc blocks x (4 attn + 2 ffn) + 2 dec blocks x (8 attn + 2 ffn)
+    assert len(sites) == 2 * 6 + 2 * 10
+    q = next(s for s in sites if s.path == "encoder.block.0.layer.0.SelfAttention.q")
+    assert (q.mask_out.units, q.mask_out.block) == (32, 1) and q.residual_in and q.mask_in.block == 4
+    o = next(s for s in sites if s.path == "decoder.block.1.layer.1.EncDecAttention.o")
+    assert o.kind == "cross_attn.o" and o.layer == "decoder.1" and o.residual_out
+    wi = next(s for s in sites if s.kind == "ffn.wi")
+    assert (wi.mask_out.units, wi.mask_out.block) == (32, 4)
+    hs = get_adapter(model, heads=True, block={"ffn": 8}).sites(model)
+    q = next(s for s in hs if s.path == "encoder.block.0.layer.0.SelfAttention.q")
+    assert (q.mask_out.units, q.mask_out.block) == (2, 16)
+    wo = next(s for s in hs if s.kind == "ffn.wo")
+    assert (wo.mask_in.units, wo.mask_in.block) == (16, 8)
+
+
+def test_t5_per_layer_relative_bias_heads():
+    """Block 0 keeps head 1 only, block 1 head 0 only: each must get its own bias column."""
+    model = _chronos_bolt().double()
+    ad = get_adapter(model, heads=True, block=4)
+    sites = ad.sites(model)
+    masks = ones_masks(sites, torch.float64)
+    masks["encoder.block.0.layer.0.SelfAttention.v.out"] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    masks["encoder.block.1.layer.0.SelfAttention.o.in"] = torch.tensor([0.7, 0.0], dtype=torch.float64)
+    masks["decoder.block.0.layer.0.SelfAttention.q.out"] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    attach_masks(model, sites, masks)
+    ctx, _ = _bolt_inputs(torch.Generator().manual_seed(3))
+    ctx = ctx.double()
+    ref = _bolt_output(model, ctx)
+    new, plan = repack_model(model, ad, sites, masks)
+    assert plan.extra["heads"]["encoder.block.0.layer.0.SelfAttention"] == [1]
+    assert plan.extra["heads"]["encoder.block.1.layer.0.SelfAttention"] == [0]
+    assert plan.extra["bias_tables"]["encoder.block.0.layer.0.SelfAttention"] == [0, 1]
+    assert plan.extra["bias_heads"]["encoder.block.0.layer.0.SelfAttention"] == [1]
+    assert plan.extra["bias_heads"]["encoder.block.1.layer.0.SelfAttention"] == [0]
+    # decoder block 0 head 0 has no q/k dims left but keeps its v/o: scores = bias only
+    dec = new.get_submodule("decoder.block.0.layer.0.SelfAttention")
+    assert dec.n_heads == 2 and dec.key_value_proj_dim == 16 and dec.v_head_dim == 16
+    torch.testing.assert_close(_bolt_output(new, ctx), ref, atol=1e-10, rtol=0)
+
+
+def test_t5_shared_embedding_stays_tied():
+    case = CASES["chronos-bolt"]
+    _, new, _, _, _, _ = _check_repack(case, False, torch.float32, seed=400)
+    assert new.encoder.embed_tokens.weight is new.shared.weight
+    assert new.decoder.embed_tokens.weight is new.shared.weight
+    case = CASES["chronos"]
+    _, new, _, _, _, _ = _check_repack(case, True, torch.float32, seed=401)
+    assert new.model.lm_head.weight is new.model.shared.weight
+
+
+def test_t5_qk_and_vo_dims_are_separate():
+    model = _chronos_bolt()
+    ad = get_adapter(model, heads=False, block=4)
+    sites = ad.sites(model)
+    masks = ones_masks(sites)
+    ap = "encoder.block.0.layer.0.SelfAttention"
+    masks[f"{ap}.k.out"][torch.arange(32) % 16 >= 4] = 0  # 4 q/k dims per head
+    masks[f"{ap}.v.out"][torch.arange(32) % 16 >= 10] = 0  # 10 v/o dims per head
+    masks[f"{ap}.q.out"][0] = 0  # head 0 keeps 3 q/k dims, head 1 keeps 4: uniform 4
+    attach_masks(model, sites, masks)
+    ctx, _ = _bolt_inputs(torch.Generator().manual_seed(4))
+    ref = _bolt_output(model, ctx)
+    new, plan = repack_model(model, ad, sites, masks)
+    att = new.get_submodule(ap)
+    assert (att.n_heads, att.key_value_proj_dim, att.v_head_dim) == (2, 4, 10)
+    assert att.q.out_features == att.k.out_features == 8 and att.v.out_features == att.o.in_features == 20
+    torch.testing.assert_close(_bolt_output(new, ctx), ref, atol=1e-5, rtol=0)
+
+
+def test_chronos_bolt_loss_and_predict():
+    model = _chronos_bolt()
+    ad = get_adapter(model)
+    ctx, tgt = _bolt_inputs(torch.Generator().manual_seed(9))
+    torch.testing.assert_close(ad.loss(model, ctx, tgt), model(context=ctx, target=tgt).loss)
+    with pytest.raises(ValueError, match="prediction_length"):
+        ad.loss(model, ctx, torch.randn(3, 17))
+    p = ad.predict(model, ctx, 10)
+    assert p.shape == (3, 10)
+    torch.testing.assert_close(p, model(context=ctx).quantile_preds[:, 4, :10])
+    long = ad.predict(model, ctx, 40)  # autoregressive rollout beyond prediction_length 16
+    assert long.shape == (3, 40) and torch.isfinite(long).all()
+    torch.testing.assert_close(long[:, :16], model(context=ctx).quantile_preds[:, 4])
+
+
+def test_chronos_classic_cached_decoding_after_repack():
+    """Generation path (KV cache, cross-attention cache reuse) of a repacked classic Chronos."""
+    case = CASES["chronos"]
+    model, new, _, ad, _, ctx = _check_repack(case, False, torch.float32, seed=500)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 96, (2, 12), generator=g)
+
+    def run(m):
+        enc = m.model.get_encoder()(input_ids=ids)
+        nxt, cache, logits = torch.zeros(2, 1, dtype=torch.long), None, []
+        for _ in range(3):
+            out = m.model(encoder_outputs=enc, decoder_input_ids=nxt, cache=cache, use_cache=True)
+            cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+            logits.append(out.logits)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        return torch.cat(logits, 1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(run(new), run(model), atol=1e-5, rtol=0)
+        torch.manual_seed(0)
+        p = ad.predict(new, ctx, 12)
+    assert p.shape == (3, 12) and torch.isfinite(p).all()
