@@ -1,2 +1,16 @@
-"""tsprune: prune-then-finetune for time series foundation models (see SPEC in docs)."""
+"""tsprune: prune-then-finetune for time series foundation models.
+
+Public API (stable contract):
+
+    pruner = tsprune.Pruner(model, criterion="taylor", ema=0.5, block=1, heads=False, ...)
+    pruner.attach(); pruner.masks; pruner.step(n); small = pruner.repack()
+    tsprune.save_pruned(model, directory); tsprune.load_pruned(directory)
+
+Heavy imports (transformers, chronos) happen only when a model family's adapter is needed.
+"""
 __version__ = "0.1.0"
+
+from .plan import load_pruned, save_pruned  # noqa: E402
+from .pruner import Pruner  # noqa: E402
+
+__all__ = ["Pruner", "load_pruned", "save_pruned", "__version__"]

@@ -101,3 +101,136 @@ def _tied_slots(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
             if p is not None:
                 slots.setdefault(id(p), []).append((mod, name))
     return [s for s in slots.values() if len(s) > 1]
+
+
+# -- save / load ------------------------------------------------------------------------------------
+
+FORMAT_VERSION = 1
+_FILES = ("meta.json", "config.json", "plan.json", "model.safetensors")
+
+
+def _qualname(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def _import(qualname: str):
+    import importlib
+
+    mod, _, name = qualname.partition(":")
+    obj = importlib.import_module(mod)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def save_pruned(model: nn.Module, directory, plan: Plan | None = None, extra: dict | None = None) -> None:
+    """Write ``model`` (pruned or not) to ``directory`` atomically: safetensors weights, the model's
+    config, the JSON plan with every per-layer shape, and meta (class names, tied tensors).
+
+    The directory is assembled under a temporary name beside it and renamed into place; an existing
+    directory is only replaced once the new one is complete."""
+    import json
+    import os
+    import pathlib
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    plan = plan or getattr(model, "tsprune_plan", None)
+    if plan is None:
+        from .adapters import get_adapter
+
+        plan = Plan(family=get_adapter(model).family)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise TypeError(f"save_pruned: {type(model).__name__} has no HF-style .config to save")
+    out = pathlib.Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    tensors, aliases, seen = {}, {}, {}
+    for k, v in sd.items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]  # tied weight: stored once
+            continue
+        if key is not None:
+            seen[key] = k
+        tensors[k] = v.detach().contiguous().cpu()
+    meta = {
+        "format": "tsprune-pruned",
+        "format_version": FORMAT_VERSION,
+        "tsprune_version": __version__,
+        "model_class": _qualname(type(model)),
+        "config_class": _qualname(type(config)),
+        "family": plan.family,
+        "aliases": aliases,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "extra": extra or {},
+    }
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
+        (tmp / "plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks completeness
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_pruned(directory, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a model written by ``save_pruned``: needs no calibration state, no masks, no network.
+
+    Raises FileNotFoundError / ValueError naming the missing or corrupt file."""
+    import json
+    import pathlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .adapters import get_adapter
+
+    d = pathlib.Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"load_pruned: {d} is not a directory")
+    for f in _FILES:
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"load_pruned: {d / f} is missing (incomplete or not a tsprune save)")
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        config_d = json.loads((d / "config.json").read_text())
+        plan = Plan.from_json(json.loads((d / "plan.json").read_text()))
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"load_pruned: corrupt JSON in {d}: {e}") from None
+    if meta.get("format") != "tsprune-pruned":
+        raise ValueError(f"load_pruned: {d / 'meta.json'} is not a tsprune save")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"load_pruned: format version {meta['format_version']} is newer than this tsprune")
+    try:
+        tensors = load_file(str(d / "model.safetensors"), device=str(map_location))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"load_pruned: corrupt weights file {d / 'model.safetensors'}: {e}") from None
+    for k, src in meta.get("aliases", {}).items():
+        tensors[k] = tensors[src]
+    config_cls = _import(meta["config_class"])
+    model_cls = _import(meta["model_class"])
+    config = config_cls.from_dict(config_d) if hasattr(config_cls, "from_dict") else config_cls(**config_d)
+    model = model_cls(config)
+    get_adapter(model).apply_plan(model, plan)
+    load_exact(model, tensors)
+    model.tsprune_plan = plan
+    model.eval()
+    return model

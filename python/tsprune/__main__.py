@@ -1,0 +1,6 @@
+"""``python -m tsprune ...`` is the ``tsprune`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
