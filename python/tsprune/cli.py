@@ -77,7 +77,7 @@ def _context_length(model) -> int:
 def _pruner_kwargs(a, n_train: int) -> dict:
     return dict(criterion=a.criterion, ema=a.ema, block=a.block, heads=a.heads,
                 prune_ratio_per_epoch=a.prune_ratio_per_epoch, macro_batch_size=a.macro_batch_size,
-                samples_per_epoch=n_train, max_prune_ratio=a.max_prune_ratio)
+                samples_per_epoch=n_train, max_prune_ratio=a.max_prune_ratio, residual=a.residual)
 
 
 def _metrics(model, adapter, ds, a) -> dict:
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--macro-batch-size", type=int, default=1024)
         sp.add_argument("--max-prune-ratio", type=float, default=0.8)
         sp.add_argument("--calib-epochs", type=int, default=4)
+        sp.add_argument("--residual", action="store_true",
+                        help="also mask residual-stream sides (paper behaviour; zeros stay as zero weights)")
 
     def ft_args(sp):
         sp.add_argument("--ft-epochs", type=int, default=1)

@@ -14,6 +14,7 @@ arena step (score, EMA, global threshold, prune) -> ``repack()`` hands masks to 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,9 @@ class Pruner:
     prune_ratio_per_epoch, samples_per_epoch, macro_batch_size: the geometric schedule, each macro
                step prunes ceil(r * live) with r = prune_ratio_per_epoch / macro_steps_per_epoch.
     max_prune_ratio: never prune more than this fraction of all units (then ``done`` is True).
+    residual:  also mask the residual-stream side of every Linear (q/k/v/up in, o/down out), as the
+               paper does. Those zeros stay as zero weights after repack (no saving), so by default
+               they are left out and the whole budget goes to units that are physically removed.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class Pruner:
         macro_batch_size: int = 8192,
         samples_per_epoch: int | None = None,
         max_prune_ratio: float = 0.9,
+        residual: bool = False,
         adapter: Adapter | None = None,
     ):
         if criterion not in CRITERIA:
@@ -77,7 +82,19 @@ class Pruner:
             raise ValueError(f"Pruner: macro_batch_size must be >= 1, got {macro_batch_size}")
         self.model = model
         self.adapter = adapter or get_adapter(model, block=block, heads=heads)
-        self.sites: list[Site] = self.adapter.sites(model)
+        sites = self.adapter.sites(model)
+        if not residual:
+            sites = [
+                dataclasses.replace(
+                    s,
+                    mask_in=None if s.residual_in else s.mask_in,
+                    mask_out=None if s.residual_out else s.mask_out,
+                )
+                for s in sites
+            ]
+            sites = [s for s in sites if s.mask_in is not None or s.mask_out is not None]
+        self.sites: list[Site] = sites
+        self.residual = residual
         self.criterion = criterion
         self.ema = ema
         self.prune_ratio_per_epoch = prune_ratio_per_epoch
