@@ -1,0 +1,53 @@
+// tsprune CPU kernels: declarations (ATen only, no pybind).
+// The op contract and the algorithms are described in docs/KERNELS.md.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace tsprune {
+
+// y[T,N] = x[T,K] @ Wf.T + bf, with the masks folded into the weight / bias:
+//   Wf = expand(mask_out)[:, None] * W * expand(mask_in)[None, :],  bf = b * expand(mask_out).
+at::Tensor masked_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& mask_in,
+                             const std::optional<at::Tensor>& mask_out,
+                             int64_t block_in, int64_t block_out);
+
+// Backward of masked_linear_fwd. Returns {dx, dweight, dbias, dmask_in, dmask_out};
+// entries that were not asked for are undefined tensors. acc_* / sq_* (float32 or float64,
+// one entry per mask unit) are updated in place: acc += dmask, sq += sum_i dmask_i^2 over
+// samples of tokens_per_sample consecutive rows.
+std::vector<at::Tensor> masked_linear_bwd(
+    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask_in,
+    const std::optional<at::Tensor>& mask_out, int64_t block_in, int64_t block_out,
+    int64_t tokens_per_sample, bool need_x, bool need_weight, bool need_bias, bool need_mask_in,
+    bool need_mask_out, const std::optional<at::Tensor>& acc_in,
+    const std::optional<at::Tensor>& acc_out, const std::optional<at::Tensor>& sq_in,
+    const std::optional<at::Tensor>& sq_out);
+
+// k-th (1-based) smallest |v| over every element of every tensor (radix select on the bit
+// pattern). Exact zeros are skipped when ignore_zeros. Returns a 0-d tensor (float64 when any
+// input is float64, otherwise float32).
+at::Tensor kth_smallest_abs(const std::vector<at::Tensor>& tensors, int64_t k, bool ignore_zeros);
+
+// Among live units (mask != 0): prune the k with the smallest nonzero |imp| (ties: lower index
+// first) plus every live unit whose imp is exactly 0. Pruned units get mask = 0 and imp = 0.
+// Returns the number of units pruned.
+int64_t prune_lowest_(const at::Tensor& mask, const at::Tensor& imp, int64_t k);
+
+// out[i] = tensors[i].index_select(0, keep_rows[i]).index_select(1, keep_cols[i]) as a new
+// contiguous tensor (nullopt = keep all), gathered in one parallel pass over all tensors.
+std::vector<at::Tensor> repack(const std::vector<at::Tensor>& tensors,
+                               const std::vector<std::optional<at::Tensor>>& keep_rows,
+                               const std::vector<std::optional<at::Tensor>>& keep_cols);
+
+// acc[j] += sum_t x[t, j]^2 (x: [T, K]; acc: float32 or float64 [K]).
+void act_sq_accumulate_(const at::Tensor& x, const at::Tensor& acc);
+
+}  // namespace tsprune
