@@ -1,0 +1,45 @@
+// Python bindings of the tsprune CPU kernels: module tsprune_kernels._C.
+// The op contract is in docs/KERNELS.md; declarations in csrc/cpu/ops.h.
+
+#include <torch/extension.h>
+
+#include "cpu/ops.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tsprune CPU kernels (C++/OpenMP)";
+  using GilFree = py::call_guard<py::gil_scoped_release>;
+
+  m.def("masked_linear_fwd", &tsprune::masked_linear_fwd, GilFree(),
+        "y = x @ Wf.T + bf with the masks folded into the weight and bias",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mask_in"),
+        py::arg("mask_out"), py::arg("block_in"), py::arg("block_out"));
+
+  m.def("masked_linear_bwd", &tsprune::masked_linear_bwd, GilFree(),
+        "backward of masked_linear_fwd: [dx, dweight, dbias, dmask_in, dmask_out] (None where "
+        "not needed); adds into acc_* / sq_* in place",
+        py::arg("gy"), py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"),
+        py::arg("mask_in"), py::arg("mask_out"), py::arg("block_in"), py::arg("block_out"),
+        py::arg("tokens_per_sample"), py::arg("need_x"), py::arg("need_weight"),
+        py::arg("need_bias"), py::arg("need_mask_in"), py::arg("need_mask_out"),
+        py::arg("acc_in") = py::none(), py::arg("acc_out") = py::none(),
+        py::arg("sq_in") = py::none(), py::arg("sq_out") = py::none());
+
+  m.def("kth_smallest_abs", &tsprune::kth_smallest_abs, GilFree(),
+        "k-th (1-based) smallest |v| over all elements of all tensors (radix select)",
+        py::arg("tensors"), py::arg("k"), py::arg("ignore_zeros"));
+
+  m.def("prune_lowest_", &tsprune::prune_lowest_, GilFree(),
+        "prune the k live units with the smallest nonzero |imp| plus every live unit with imp "
+        "== 0 (mask = imp = 0); returns the number pruned",
+        py::arg("mask"), py::arg("imp"), py::arg("k"));
+
+  m.def("repack", &tsprune::repack, GilFree(),
+        "tensors[i].index_select(0, keep_rows[i]).index_select(1, keep_cols[i]) for all i, "
+        "as new contiguous tensors, in one parallel pass",
+        py::arg("tensors"), py::arg("keep_rows"), py::arg("keep_cols"));
+
+  m.def("act_sq_accumulate_", &tsprune::act_sq_accumulate_, GilFree(),
+        "acc[j] += sum_t x[t, j]^2", py::arg("x"), py::arg("acc"));
+}
