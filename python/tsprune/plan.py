@@ -171,6 +171,9 @@ def save_pruned(model: nn.Module, directory, plan: Plan | None = None, extra: di
         "extra": extra or {},
     }
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a saved model is an ordinary directory
     try:
         save_file(tensors, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
