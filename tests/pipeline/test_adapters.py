@@ -94,6 +94,32 @@ def _classic_output(model, context):
     return model.model(input_ids=ids, decoder_input_ids=dec).logits
 
 
+def _patchtst(**kw) -> nn.Module:
+    from transformers import PatchTSTConfig, PatchTSTForPrediction
+
+    torch.manual_seed(0)
+    # published ETTh1 shape (d_model 128, 16 heads, ffn 256, 3 layers, patch 16 / stride 8), scaled down
+    cfg = dict(
+        num_input_channels=1, context_length=64, patch_length=8, patch_stride=4, prediction_length=16,
+        d_model=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=3, norm_type="batchnorm",
+        scaling="std", init_std=0.1,  # a larger init than 0.02 so that the encoder matters
+    )
+    cfg.update(kw)
+    return PatchTSTForPrediction(PatchTSTConfig(**cfg)).eval()
+
+
+def _patchtst_multi() -> nn.Module:
+    return _patchtst(num_input_channels=3, norm_type="layernorm", pre_norm=False, activation_function="relu")
+
+
+def _ts_inputs(g):
+    return torch.randn(5, 64, generator=g) * 2 + 1, torch.randn(5, 16, generator=g) * 2 + 1
+
+
+def _patchtst_output(model, context):
+    return get_adapter(model)._point(model, context)
+
+
 CASES = {
     "chronos-bolt": Case(
         "chronos-bolt", _chronos_bolt, _bolt_inputs, _bolt_output,
@@ -104,6 +130,16 @@ CASES = {
         "chronos", _chronos_classic, _classic_inputs, _classic_output,
         kill_heads="model.decoder.block.1.layer.1.EncDecAttention.o.in",
         kill_ffn="model.encoder.block.0.layer.1.DenseReluDense.wi_1.out",
+    ),
+    "patchtst": Case(
+        "patchtst", _patchtst, _ts_inputs, _patchtst_output,
+        kill_heads="model.encoder.layers.1.self_attn.v_proj.out",
+        kill_ffn="model.encoder.layers.2.ff.0.out",
+    ),
+    "patchtst-3ch": Case(
+        "patchtst-3ch", _patchtst_multi, _ts_inputs, _patchtst_output,
+        kill_heads="model.encoder.layers.0.self_attn.out_proj.in",
+        kill_ffn="model.encoder.layers.1.ff.3.in",
     ),
 }
 
@@ -195,7 +231,7 @@ def test_repack_matches_masked_fp32(name, heads):
     # the killed layer lost every head, the killed FFN every channel; both became ZeroLinears
     case = CASES[name]
     att = case.kill_heads.rsplit(".", 2)[0]
-    assert plan.attrs[att]["n_heads"] == 0
+    assert plan.extra["heads"][att] == []
     projections = [k for k in plan.linears if k.rsplit(".", 1)[0] == att]
     assert len(projections) == 4
     for key in projections:
@@ -386,3 +422,52 @@ def test_chronos_classic_cached_decoding_after_repack():
         torch.manual_seed(0)
         p = ad.predict(new, ctx, 12)
     assert p.shape == (3, 12) and torch.isfinite(p).all()
+
+
+def test_patchtst_keeps_original_scale_and_separate_dims():
+    model = _patchtst()
+    ad = get_adapter(model, heads=False, block=4)
+    assert ad.family == "patchtst"
+    sites = ad.sites(model)
+    assert len(sites) == 3 * 6
+    masks = ones_masks(sites)
+    ap = "model.encoder.layers.0.self_attn"
+    masks[f"{ap}.q_proj.out"][torch.arange(32) % 8 >= 3] = 0  # 3 q/k dims per head
+    masks[f"{ap}.v_proj.out"][torch.arange(32) % 8 >= 5] = 0  # 5 v/o dims per head
+    masks[f"{ap}.out_proj.in"][8:16] = 0  # head 1 removed
+    attach_masks(model, sites, masks)
+    ctx, tgt = _ts_inputs(torch.Generator().manual_seed(12))
+    ref = _patchtst_output(model, ctx)
+    new, plan = repack_model(model, ad, sites, masks)
+    att = new.get_submodule(ap)
+    assert (att.num_heads, att.head_dim, att.v_head_dim) == (3, 3, 5)
+    assert att.scaling == pytest.approx(8**-0.5)  # the original 1/sqrt(head_dim)
+    assert att.q_proj.weight.shape == (9, 32) and att.out_proj.weight.shape == (32, 15)
+    assert plan.extra["heads"][ap] == [0, 2, 3]
+    torch.testing.assert_close(_patchtst_output(new, ctx), ref, atol=1e-5, rtol=0)
+
+
+def test_patchtst_loss_and_predict():
+    model = _patchtst()
+    ad = get_adapter(model)
+    ctx, tgt = _ts_inputs(torch.Generator().manual_seed(13))
+    own = model(past_values=ctx.unsqueeze(-1), future_values=tgt.unsqueeze(-1)).loss
+    torch.testing.assert_close(ad.loss(model, ctx, tgt), own)
+    with pytest.raises(ValueError, match="prediction_length"):
+        ad.loss(model, ctx, torch.randn(5, 17))
+    with pytest.raises(ValueError, match="context"):
+        ad.predict(model, ctx[:, :40], 8)
+    longer = torch.cat([torch.randn(5, 10), ctx], dim=-1)  # only the last context_length values count
+    torch.testing.assert_close(ad.predict(model, longer, 16), model(past_values=ctx.unsqueeze(-1)).prediction_outputs[..., 0])
+    p = ad.predict(model, ctx, 40)  # rolls out beyond prediction_length 16
+    assert p.shape == (5, 40) and torch.isfinite(p).all()
+    torch.testing.assert_close(p[:, :16], ad.predict(model, ctx, 16))
+
+
+def test_patchtst_multichannel_packing_is_per_series():
+    model = _patchtst_multi()
+    ad = get_adapter(model)
+    ctx, _ = _ts_inputs(torch.Generator().manual_seed(14))
+    together = ad.predict(model, ctx, 16)
+    alone = torch.cat([ad.predict(model, ctx[i : i + 1], 16) for i in range(ctx.shape[0])])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)

@@ -181,7 +181,7 @@ class PlanBuilder:
         lin = model.get_submodule(path)
         n_out = lin.out_features if rows is None else len(rows)
         n_in = lin.in_features if cols is None else len(cols)
-        bias = getattr(lin, "bias", None) is not None
+        bias = getattr(lin, "bias", None) is not None and n_out > 0
         zero = bool(zero or n_out == 0 or n_in == 0)
         self.plan.linears[path] = {"in": n_in, "out": n_out, "bias": bias, "zero": zero}
         full_rows = rows is None or rows == list(range(lin.out_features))
@@ -234,3 +234,101 @@ def replace_linear(model: nn.Module, path: str, spec: dict) -> nn.Module:
 def apply_linears(model: nn.Module, plan) -> None:
     for path, spec in plan.linears.items():
         replace_linear(model, path, spec)
+
+
+# -- per-module sites and plans shared by the families --------------------------------------------
+def attention_sites(
+    model: nn.Module,
+    proj: dict[str, str],
+    n_heads: int,
+    head_dim: int,
+    *,
+    heads: bool,
+    residual_block: int,
+    layer: str,
+    kind: str,
+) -> list[Site]:
+    """Sites of one attention module. proj: {"q": path, "k": path, "v": path, "o": path}."""
+    hs = head_spec(n_heads, head_dim, heads)
+    out = []
+    for name in ("q", "k", "v"):
+        lin = model.get_submodule(proj[name])
+        rs = residual_spec(lin.in_features, residual_block)
+        out.append(Site(proj[name], rs, hs, layer, f"{kind}.{name}", residual_in=True))
+    o = model.get_submodule(proj["o"])
+    rs = residual_spec(o.out_features, residual_block)
+    out.append(Site(proj["o"], hs, rs, layer, f"{kind}.o", residual_out=True))
+    return out
+
+
+def ffn_sites(
+    model: nn.Module,
+    ups: dict[str, str],
+    down: tuple[str, str],
+    *,
+    block: int | dict[str, int],
+    residual_block: int,
+    layer: str,
+) -> list[Site]:
+    """Sites of one FFN. ups: {kind: path} of the up / gate projections; down: (kind, path)."""
+    out = []
+    for kind, path in ups.items():
+        lin = model.get_submodule(path)
+        spec = ffn_spec(lin.out_features, resolve_block(block, kind), path)
+        out.append(Site(path, residual_spec(lin.in_features, residual_block), spec, layer, kind, residual_in=True))
+    kind, path = down
+    lin = model.get_submodule(path)
+    spec = ffn_spec(lin.in_features, resolve_block(block, kind), path)
+    out.append(Site(path, spec, residual_spec(lin.out_features, residual_block), layer, kind, residual_out=True))
+    return out
+
+
+def plan_attention(
+    model: nn.Module,
+    pb: PlanBuilder,
+    sites: dict[str, Site],
+    masks: dict[str, torch.Tensor],
+    proj: dict[str, str],
+    n_heads: int,
+    head_dim: int,
+    *,
+    qk_full: bool = False,
+) -> HeadPlan:
+    """Coupled keep indices of one attention module's q, k, v, o into the plan; returns the heads."""
+    lq, lk, lv, lo = (linear_live(model, sites[proj[n]], masks) for n in "qkvo")
+    hp = plan_heads(n_heads, head_dim, lq.out & lk.out, lv.out & lo.inp, qk_full=qk_full)
+    pb.linear(model, proj["q"], hp.qk_rows, None, zero=not bool(lq.inp.any()))
+    pb.linear(model, proj["k"], hp.qk_rows, None, zero=not bool(lk.inp.any()))
+    pb.linear(model, proj["v"], hp.v_rows, None, zero=not bool(lv.inp.any()))
+    pb.linear(model, proj["o"], None, hp.v_rows, zero=not bool(lo.inp.any()))
+    return hp
+
+
+def plan_ffn(
+    model: nn.Module,
+    pb: PlanBuilder,
+    sites: dict[str, Site],
+    masks: dict[str, torch.Tensor],
+    *,
+    act,
+    up: str,
+    down: str,
+    gate: str | None = None,
+) -> list[int]:
+    """Coupled FFN channels into the plan. Without ``gate``: down(act(up x)); with it:
+    down(act(gate x) * up x). Returns the kept channels."""
+    a0 = act_at_zero(act) != 0
+    ld = linear_live(model, sites[down], masks)
+    lu = linear_live(model, sites[up], masks)
+    if gate is None:
+        alive = ld.inp & (lu.out | a0)
+        ups = {up: lu}
+    else:
+        lg = linear_live(model, sites[gate], masks)
+        alive = ld.inp & lu.out & (lg.out | a0)
+        ups = {gate: lg, up: lu}
+    keep = plan_channels(alive)
+    for path, live in ups.items():
+        pb.linear(model, path, keep, None, zero=not bool(live.inp.any()))
+    pb.linear(model, down, None, keep, zero=not bool(ld.inp.any()))
+    return keep

@@ -39,15 +39,12 @@ from transformers.models.t5.modeling_t5 import (
 from . import register
 from ._common import (
     PlanBuilder,
-    act_at_zero,
     apply_linears,
-    ffn_spec,
-    head_spec,
-    linear_live,
-    plan_channels,
-    plan_heads,
+    attention_sites,
+    ffn_sites,
+    plan_attention,
+    plan_ffn,
     resolve_block,
-    residual_spec,
 )
 from .base import Adapter, Plan, Site
 
@@ -172,31 +169,13 @@ class T5Adapter(Adapter):
                 layer = f"{label}.{i}"
                 for kind, ap in attns:
                     att = model.get_submodule(ap)
-                    hs = head_spec(att.n_heads, att.key_value_proj_dim, self.heads)
-                    for name in ("q", "k", "v"):
-                        lin = model.get_submodule(f"{ap}.{name}")
-                        sites.append(
-                            Site(f"{ap}.{name}", residual_spec(lin.in_features, rb), hs, layer,
-                                 f"{kind}.{name}", residual_in=True)
-                        )
-                    o = model.get_submodule(f"{ap}.o")
-                    sites.append(
-                        Site(f"{ap}.o", hs, residual_spec(o.out_features, rb), layer, f"{kind}.o",
-                             residual_out=True)
+                    sites += attention_sites(
+                        model, {n: f"{ap}.{n}" for n in "qkvo"}, att.n_heads, att.key_value_proj_dim,
+                        heads=self.heads, residual_block=rb, layer=layer, kind=kind,
                     )
-                for name in ups:
-                    lin = model.get_submodule(f"{ffn_path}.{name}")
-                    b = resolve_block(self.block, f"ffn.{name}")
-                    sites.append(
-                        Site(f"{ffn_path}.{name}", residual_spec(lin.in_features, rb),
-                             ffn_spec(lin.out_features, b, f"{ffn_path}.{name}"), layer, f"ffn.{name}",
-                             residual_in=True)
-                    )
-                wo = model.get_submodule(f"{ffn_path}.wo")
-                b = resolve_block(self.block, "ffn.wo")
-                sites.append(
-                    Site(f"{ffn_path}.wo", ffn_spec(wo.in_features, b, f"{ffn_path}.wo"),
-                         residual_spec(wo.out_features, rb), layer, "ffn.wo", residual_out=True)
+                sites += ffn_sites(
+                    model, {f"ffn.{n}": f"{ffn_path}.{n}" for n in ups}, ("ffn.wo", f"{ffn_path}.wo"),
+                    block=self.block, residual_block=rb, layer=layer,
                 )
         return sites
 
@@ -205,21 +184,13 @@ class T5Adapter(Adapter):
         by_path = {s.path: s for s in self.sites(model)}
         plan = Plan(family=self.family, extra={"heads": {}, "bias_heads": {}, "ffn": {}, "bias_tables": {}})
         pb = PlanBuilder(plan)
-
-        def live(path):
-            return linear_live(model, by_path[path], masks)
-
         for sp, _label, blocks in self._layout(model):
             self_heads: dict[str, list[int]] = {}
             for _i, attns, ffn_path, ups in blocks:
                 for kind, ap in attns:
                     att = model.get_submodule(ap)
-                    lq, lk, lv, lo = (live(f"{ap}.{n}") for n in "qkvo")
-                    hp = plan_heads(att.n_heads, att.key_value_proj_dim, lq.out & lk.out, lv.out & lo.inp)
-                    pb.linear(model, f"{ap}.q", hp.qk_rows, None, zero=not bool(lq.inp.any()))
-                    pb.linear(model, f"{ap}.k", hp.qk_rows, None, zero=not bool(lk.inp.any()))
-                    pb.linear(model, f"{ap}.v", hp.v_rows, None, zero=not bool(lv.inp.any()))
-                    pb.linear(model, f"{ap}.o", None, hp.v_rows, zero=not bool(lo.inp.any()))
+                    proj = {n: f"{ap}.{n}" for n in "qkvo"}
+                    hp = plan_attention(model, pb, by_path, masks, proj, att.n_heads, att.key_value_proj_dim)
                     plan.attrs[ap] = {
                         "n_heads": len(hp.heads),
                         "key_value_proj_dim": hp.qk_dim,
@@ -229,19 +200,14 @@ class T5Adapter(Adapter):
                     plan.extra["heads"][ap] = hp.heads
                     if kind == "self_attn":
                         self_heads[ap] = hp.heads
-                # FFN channels: wo.in alive and the up projection(s) can make the channel nonzero
                 ffn = model.get_submodule(ffn_path)
-                a0 = act_at_zero(ffn.act) != 0
-                lo = live(f"{ffn_path}.wo")
-                lups = {n: live(f"{ffn_path}.{n}") for n in ups}
-                if len(ups) == 1:
-                    alive = lo.inp & (lups["wi"].out | a0)
-                else:  # act(wi_0 x) * (wi_1 x)
-                    alive = lo.inp & lups["wi_1"].out & (lups["wi_0"].out | a0)
-                keep = plan_channels(alive)
-                for n in ups:
-                    pb.linear(model, f"{ffn_path}.{n}", keep, None, zero=not bool(lups[n].inp.any()))
-                pb.linear(model, f"{ffn_path}.wo", None, keep, zero=not bool(lo.inp.any()))
+                if len(ups) == 1:  # wo(act(wi x))
+                    keep = plan_ffn(model, pb, by_path, masks, act=ffn.act, up=f"{ffn_path}.wi", down=f"{ffn_path}.wo")
+                else:  # wo(act(wi_0 x) * wi_1 x)
+                    keep = plan_ffn(
+                        model, pb, by_path, masks, act=ffn.act, up=f"{ffn_path}.wi_1",
+                        down=f"{ffn_path}.wo", gate=f"{ffn_path}.wi_0",
+                    )
                 plan.extra["ffn"][ffn_path] = len(keep)
             # the stack's relative-position table (block 0) keeps the union of the kept heads
             table_mod = f"{sp}.block.0.layer.0.SelfAttention"
