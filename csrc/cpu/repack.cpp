@@ -170,7 +170,7 @@ at::Tensor check_index(const at::Tensor& idx, size_t which, const char* what, in
   const int64_t* p = c.data_ptr<int64_t>();
   for (int64_t i = 0; i < c.numel(); ++i) {
     TORCH_CHECK(p[i] >= 0 && p[i] < size, "tsprune: repack: tensor ", which, ": ", what,
-                " index ", p[i], " is out of range for size ", size);
+                " index ", p[i], " out of range for size ", size);
   }
   return c;
 }

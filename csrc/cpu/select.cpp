@@ -195,9 +195,8 @@ at::Tensor kth_impl(const TensorChunks& src, int64_t k, bool ignore_zeros) {
   const SelectResult<Key> r =
       radix_select<Key>(src.size(), src.total, visit, k, ignore_zeros, /*stop_if_all=*/false);
   TORCH_CHECK(!r.non_finite, "tsprune: kth_smallest_abs: non-finite value (nan or inf) in input");
-  TORCH_CHECK(k >= 1 && k <= r.count, "tsprune: kth_smallest_abs: k = ", k,
-              " is out of range [1, count] with count = ", r.count,
-              ignore_zeros ? " (nonzero elements)" : " (elements)");
+  TORCH_CHECK(k >= 1 && k <= r.count, "tsprune: kth_smallest_abs: k=", k, " out of range [1, ",
+              r.count, "] (count of ", ignore_zeros ? "nonzero elements)" : "elements)");
   if constexpr (std::is_same_v<Key, uint32_t>) {
     float v;
     std::memcpy(&v, &r.key, sizeof(v));
