@@ -86,6 +86,21 @@ def _extensions():
         and (torch.cuda.is_available() or _env_flag("TSPRUNE_FORCE_CUDA_BUILD"))
     )
     if want_cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME is None:
+            if _env_flag("TSPRUNE_FORCE_CUDA_BUILD"):
+                sys.exit(
+                    "tsprune: TSPRUNE_FORCE_CUDA_BUILD=1 but no CUDA toolkit was found (set "
+                    "CUDA_HOME to a toolkit with nvcc), or unset it to skip the CUDA extension."
+                )
+            print(
+                "tsprune: a GPU is visible but no CUDA toolkit (nvcc / CUDA_HOME) was found; "
+                "skipping the CUDA extension tsprune_kernels._C_cuda.",
+                file=sys.stderr,
+            )
+            want_cuda = False
+    if want_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TSPRUNE_CUDA_ARCHS", "8.0;9.0")
         from torch.utils.cpp_extension import CUDAExtension
 
