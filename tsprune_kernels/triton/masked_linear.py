@@ -1,0 +1,505 @@
+"""Triton masked_linear: masks applied inside the GEMMs, mask gradients fused into the kernels.
+
+Stage: calibration forward / backward (docs/KERNELS.md, "Triton (CUDA)"). Receives the 2-D operands
+of ``tsprune::masked_linear_fwd`` / ``_bwd`` (ops/masked_linear.py); hands back y, or (dx, dweight,
+dbias, dmask_in, dmask_out) and adds into the accumulators in place. Touches nothing else.
+
+Kernels (T tokens, K inputs, N outputs; blocks expanded on the fly: unit = channel // block):
+
+    _fwd_kernel      y = ((x * m_in) @ W.T + b) * m_out. m_in is applied to each loaded x tile (the
+                     GEMM prologue), bias and m_out in the epilogue. No temporary.
+    _dx_kernel       dxm = (gy * m_out) @ W (m_out applied to each loaded gy tile); epilogue stores
+                     dx = dxm * m_in and reduces dxm * x per input unit (and per sample for taylor2).
+                     It also reduces gy * y / m_out per output unit: the gy tile of reduction step s
+                     is in registers anyway, and the program with pid_c == s % (programs along C)
+                     loads the matching y tile, so y is read exactly once and the work is spread.
+    _out_kernel      the same output-side reduction alone, when no dx / input-side work exists.
+    _zero_kernel     exact gradients of output units whose mask is 0 / tiny / not finite (where
+                     y / m is undefined): y_pre of those columns only, by a GEMM over a compacted
+                     list of their channels (``_compact_kernel``; count read on the device, idle
+                     programs exit, no host sync). Costs |Z| / N of one forward GEMM.
+    _finalize_kernel per unit: acc += g, sq += sum_i g_i**2 (from the per-sample partials),
+                     dmask = g.
+
+Reductions go to a zeroed fp32 scratch buffer by atomics: per unit totals [U], and for taylor2 the
+per-sample partials [S, U] (S = samples = T // tokens_per_sample) that ``_finalize_kernel`` squares.
+When a sample is a single token and a unit a single channel, squares are summed in registers
+(no [S, U] buffer). dweight / dbias (fine-tuning through masks, never in calibration) use the exact
+identities dW = m_out * (gy.T @ x) * m_in and db = m_out * gy.sum(0): weight-sized temporaries only.
+fp64 inputs take the torch reference path (fp64 GEMMs are not what Triton is for).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from ._util import cfg, configs, dot_precision, interpreting, upcast_dot
+
+# |m| below this (or m not finite): the unit's output-side gradient is recomputed, not y / m.
+# fp16 activations lose relative precision (subnormals) far earlier than fp32 / bf16 ones.
+_ZERO_TH = {torch.float16: 1e-4}
+_ZERO_TH_DEFAULT = 1e-20
+
+
+def zero_threshold(dtype: torch.dtype) -> float:
+    return _ZERO_TH.get(dtype, _ZERO_TH_DEFAULT)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared device helpers
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mask_ok(m, th):
+    """Units whose gradient can be recovered as (gy * y) / m: finite and |m| >= th."""
+    return ((m - m) == 0) & (tl.abs(m) >= th)
+
+
+@triton.jit
+def _unit_reduce(prod, rows, units, col_ok, row0, T, tps, U, tot_ptr, sq_ptr, part_ptr,
+                 SQ: tl.constexpr, BT: tl.constexpr):
+    """Add the [BT, BC] fp32 tile ``prod`` (zero outside the valid rows / columns) into the unit
+    totals; SQ == 1: also its squares (a row is a sample and a column a unit); SQ == 2: per-sample
+    partials part[s, unit] (rows ``row0 ..`` belong to samples row // tps)."""
+    tl.atomic_add(tot_ptr + units, tl.sum(prod, 0), mask=col_ok)
+    if SQ == 1:
+        tl.atomic_add(sq_ptr + units, tl.sum(prod * prod, 0), mask=col_ok)
+    if SQ == 2:
+        row_end = tl.minimum(row0 + BT, T)
+        s_lo = row0 // tps
+        s_hi = (row_end - 1) // tps
+        rs = rows // tps
+        for s in range(s_lo, s_hi + 1):
+            part = tl.sum(tl.where((rs == s)[:, None], prod, 0.0), 0)
+            tl.atomic_add(part_ptr + s * U + units, part, mask=col_ok)
+
+
+@triton.jit
+def _grouped(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP row tiles at a time for L2 reuse."""
+    width = GROUP * n_cols
+    g = pid // width
+    first = g * GROUP
+    size = tl.minimum(n_rows - first, GROUP)
+    return first + (pid % width) % size, (pid % width) // size
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+
+_FWD_CONFIGS = configs(
+    [
+        cfg(8, 3, BT=128, BC=128, BR=64, GROUP=8),
+        cfg(4, 4, BT=128, BC=64, BR=64, GROUP=8),
+        cfg(4, 4, BT=64, BC=128, BR=64, GROUP=8),
+        cfg(8, 3, BT=128, BC=256, BR=64, GROUP=8),
+        cfg(4, 3, BT=64, BC=64, BR=32, GROUP=8),  # fp32 (ieee, no tensor cores) and small layers
+    ],
+    cfg(4, 1, BT=32, BC=32, BR=32, GROUP=4),
+)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "K", "HAS_BIAS", "HAS_MIN", "HAS_MOUT", "PREC"])
+@triton.jit
+def _fwd_kernel(
+    x_ptr, w_ptr, b_ptr, mi_ptr, mo_ptr, y_ptr,
+    T, N, K, bi, bo,
+    sxt, sxk, swn, swk, syt, syn, smi, smo,
+    HAS_BIAS: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MOUT: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid_t, pid_c = _grouped(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(N, BC), GROUP)
+    rt = pid_t * BT + tl.arange(0, BT)
+    rc = pid_c * BC + tl.arange(0, BC)
+    rr = tl.arange(0, BR)
+    t_ok = rt < T
+    c_ok = rc < N
+    x_rows = x_ptr + rt.to(tl.int64)[:, None] * sxt
+    w_cols = w_ptr + rc.to(tl.int64)[None, :] * swn
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for k0 in range(0, K, BR):
+        kk = k0 + rr
+        k_ok = kk < K
+        a = tl.load(x_rows + kk[None, :] * sxk, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_MIN:  # prologue: the input mask on the loaded x tile
+            mi = tl.load(mi_ptr + (kk // bi) * smi, mask=k_ok, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * mi[None, :]).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_cols + kk[:, None] * swk, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_MOUT:  # epilogue: the output mask
+        acc *= tl.load(mo_ptr + (rc // bo) * smo, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rt.to(tl.int64)[:, None] * syt + rc[None, :] * syn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: dx + input-side reductions (+ output-side reductions)
+# ---------------------------------------------------------------------------------------------
+
+_BWD_CONFIGS = configs(
+    [
+        cfg(8, 3, BT=128, BC=128, BR=64, GROUP=8),
+        cfg(4, 4, BT=128, BC=64, BR=64, GROUP=8),
+        cfg(4, 4, BT=64, BC=128, BR=64, GROUP=8),
+        cfg(8, 3, BT=128, BC=256, BR=64, GROUP=8),
+        cfg(4, 3, BT=64, BC=64, BR=32, GROUP=8),
+    ],
+    cfg(4, 1, BT=32, BC=32, BR=32, GROUP=4),
+)
+
+_SCRATCH = ["tot_in", "sq_in", "part_in", "tot_out", "sq_out", "part_out"]
+
+
+@triton.autotune(
+    configs=_BWD_CONFIGS,
+    key=["N", "K", "NEED_DX", "DO_IN", "DO_OUT", "SQ_IN", "SQ_OUT", "HAS_MIN", "HAS_MOUT", "PREC"],
+    reset_to_zero=_SCRATCH,
+)
+@triton.jit
+def _dx_kernel(
+    gy_ptr, w_ptr, x_ptr, y_ptr, mi_ptr, mo_ptr, dx_ptr,
+    tot_in, sq_in, part_in, tot_out, sq_out, part_out,
+    T, N, K, bi, bo, tps, Ui, Uo, th,
+    sgt, sgn, swn, swk, sxt, sxk, syt, syn, sdt, sdk, smi, smo,
+    NEED_DX: tl.constexpr, DO_IN: tl.constexpr, DO_OUT: tl.constexpr,
+    SQ_IN: tl.constexpr, SQ_OUT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_MOUT: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, GROUP: tl.constexpr,
+):
+    n_c = tl.cdiv(K, BC)
+    pid_t, pid_c = _grouped(tl.program_id(0), tl.cdiv(T, BT), n_c, GROUP)
+    row0 = pid_t * BT
+    rt = row0 + tl.arange(0, BT)
+    rc = pid_c * BC + tl.arange(0, BC)
+    rr = tl.arange(0, BR)
+    t_ok = rt < T
+    c_ok = rc < K
+    rt64 = rt.to(tl.int64)
+    g_rows = gy_ptr + rt64[:, None] * sgt
+    w_cols = w_ptr + rc.to(tl.int64)[None, :] * swk
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for n0 in range(0, N, BR):
+        nn = n0 + rr
+        n_ok = nn < N
+        tn_ok = t_ok[:, None] & n_ok[None, :]
+        g = tl.load(g_rows + nn[None, :] * sgn, mask=tn_ok, other=0.0)
+        if HAS_MOUT:  # prologue: the output mask on the loaded gy tile (go = dL/dy_pre)
+            mo = tl.load(mo_ptr + (nn // bo) * smo, mask=n_ok, other=0.0).to(tl.float32)
+            go = (g.to(tl.float32) * mo[None, :]).to(gy_ptr.dtype.element_ty)
+        else:
+            go = g
+        w = tl.load(w_cols + nn.to(tl.int64)[:, None] * swn, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+        if UPCAST:
+            go = go.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(go, w, acc, input_precision=PREC)
+        if DO_OUT:
+            # sum_t gy * y_pre = sum_t gy * y / m_out, for the step this program owns
+            if (n0 // BR) % n_c == pid_c:
+                yv = tl.load(y_ptr + rt64[:, None] * syt + nn[None, :] * syn, mask=tn_ok, other=0.0)
+                ok = _mask_ok(mo, th)
+                inv = tl.where(ok, 1.0 / tl.where(ok, mo, 1.0), 0.0)
+                prod = tl.where(ok[None, :], g.to(tl.float32) * yv.to(tl.float32) * inv[None, :], 0.0)
+                _unit_reduce(prod, rt, nn // bo, n_ok, row0, T, tps, Uo, tot_out, sq_out, part_out,
+                             SQ_OUT, BT)
+    # epilogue: dx = dxm * m_in, and sum_t dxm * x per input unit
+    tc_ok = t_ok[:, None] & c_ok[None, :]
+    if NEED_DX:
+        dx = acc
+        if HAS_MIN:
+            mi = tl.load(mi_ptr + (rc // bi) * smi, mask=c_ok, other=0.0).to(tl.float32)
+            dx = acc * mi[None, :]
+        tl.store(dx_ptr + rt64[:, None] * sdt + rc[None, :] * sdk, dx.to(dx_ptr.dtype.element_ty), mask=tc_ok)
+    if DO_IN:
+        xv = tl.load(x_ptr + rt64[:, None] * sxt + rc[None, :] * sxk, mask=tc_ok, other=0.0)
+        prod = acc * xv.to(tl.float32)
+        _unit_reduce(prod, rt, rc // bi, c_ok, row0, T, tps, Ui, tot_in, sq_in, part_in, SQ_IN, BT)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: output-side reduction alone (no dx and no input-side work)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _out_kernel(
+    gy_ptr, y_ptr, mo_ptr, tot_out, sq_out, part_out,
+    T, N, bo, tps, Uo, th, sgt, sgn, syt, syn, smo,
+    SQ_OUT: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):
+    row0 = tl.program_id(0) * BT
+    rt = row0 + tl.arange(0, BT)
+    rc = tl.program_id(1) * BC + tl.arange(0, BC)
+    t_ok = rt < T
+    c_ok = rc < N
+    m2 = t_ok[:, None] & c_ok[None, :]
+    rt64 = rt.to(tl.int64)
+    g = tl.load(gy_ptr + rt64[:, None] * sgt + rc[None, :] * sgn, mask=m2, other=0.0).to(tl.float32)
+    yv = tl.load(y_ptr + rt64[:, None] * syt + rc[None, :] * syn, mask=m2, other=0.0).to(tl.float32)
+    mo = tl.load(mo_ptr + (rc // bo) * smo, mask=c_ok, other=0.0).to(tl.float32)
+    ok = _mask_ok(mo, th)
+    inv = tl.where(ok, 1.0 / tl.where(ok, mo, 1.0), 0.0)
+    prod = tl.where(ok[None, :], g * yv * inv[None, :], 0.0)
+    _unit_reduce(prod, rt, rc // bo, c_ok, row0, T, tps, Uo, tot_out, sq_out, part_out, SQ_OUT, BT)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: exact gradients of zero-mask output units
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _compact_kernel(mo_ptr, smo, U, th, zunits_ptr, nz_ptr, BLOCK: tl.constexpr):
+    """zunits[0:nz] = the output units whose mask fails _mask_ok, in order; nz on the device."""
+    base = tl.program_id(0) * 0
+    for u0 in range(0, U, BLOCK):
+        u = u0 + tl.arange(0, BLOCK)
+        ok = u < U
+        m = tl.load(mo_ptr + u * smo, mask=ok, other=1.0).to(tl.float32)
+        bad = ok & ~_mask_ok(m, th)
+        pos = tl.cumsum(bad.to(tl.int32), 0)
+        tl.store(zunits_ptr + base + pos - 1, u, mask=bad)
+        base += tl.sum(bad.to(tl.int32), 0)
+    tl.store(nz_ptr, base)
+
+
+# Fixed tiles, no autotuning: the kernel adds into buffers the dx kernel has already written, so
+# it must run exactly once (and its cost is only |Z| / N of a GEMM).
+def _zero_tiles() -> dict:
+    return dict(BT=32, BC=32, BR=32) if interpreting() else dict(BT=64, BC=64, BR=32, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _zero_kernel(
+    x_ptr, w_ptr, b_ptr, mi_ptr, gy_ptr, zunits_ptr, nz_ptr, tot_out, sq_out, part_out,
+    T, N, K, bi, bo, tps, Uo,
+    sxt, sxk, swn, swk, sgt, sgn, smi,
+    HAS_BIAS: tl.constexpr, HAS_MIN: tl.constexpr, SQ_OUT: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+):
+    nzc = tl.load(nz_ptr) * bo  # zero-mask output channels
+    j0 = tl.program_id(1) * BC
+    if j0 < nzc:
+        row0 = tl.program_id(0) * BT
+        rt = row0 + tl.arange(0, BT)
+        t_ok = rt < T
+        j = j0 + tl.arange(0, BC)
+        j_ok = j < nzc
+        unit = tl.load(zunits_ptr + j // bo, mask=j_ok, other=0)
+        col = unit * bo + j % bo
+        rr = tl.arange(0, BR)
+        rt64 = rt.to(tl.int64)
+        x_rows = x_ptr + rt64[:, None] * sxt
+        w_cols = w_ptr + col.to(tl.int64)[None, :] * swn
+        acc = tl.zeros((BT, BC), dtype=tl.float32)
+        for k0 in range(0, K, BR):
+            kk = k0 + rr
+            k_ok = kk < K
+            a = tl.load(x_rows + kk[None, :] * sxk, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_MIN:
+                mi = tl.load(mi_ptr + (kk // bi) * smi, mask=k_ok, other=0.0).to(tl.float32)
+                a = (a.to(tl.float32) * mi[None, :]).to(x_ptr.dtype.element_ty)
+            w = tl.load(w_cols + kk[:, None] * swk, mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + col, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+        m2 = t_ok[:, None] & j_ok[None, :]
+        g = tl.load(gy_ptr + rt64[:, None] * sgt + col[None, :] * sgn, mask=m2, other=0.0).to(tl.float32)
+        prod = tl.where(m2, g * acc, 0.0)
+        _unit_reduce(prod, rt, unit, j_ok, row0, T, tps, Uo, tot_out, sq_out, part_out, SQ_OUT, BT)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: per-unit finish
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _finalize_kernel(
+    tot_ptr, sqt_ptr, part_ptr, S, U, acc_ptr, sqacc_ptr, dm_ptr,
+    HAS_ACC: tl.constexpr, HAS_SQACC: tl.constexpr, HAS_DM: tl.constexpr, SQ: tl.constexpr,
+    BU: tl.constexpr, BS: tl.constexpr,
+):
+    u = tl.program_id(0) * BU + tl.arange(0, BU)
+    ok = u < U
+    g = tl.load(tot_ptr + u, mask=ok, other=0.0)
+    if HAS_DM:
+        tl.store(dm_ptr + u, g, mask=ok)
+    if HAS_ACC:
+        a = tl.load(acc_ptr + u, mask=ok, other=0.0)
+        tl.store(acc_ptr + u, a + g.to(a.dtype), mask=ok)
+    if HAS_SQACC:
+        if SQ == 1:
+            q = tl.load(sqt_ptr + u, mask=ok, other=0.0)
+        else:
+            q = tl.zeros((BU,), tl.float32)
+        if SQ == 2:
+            rs = tl.arange(0, BS)
+            for s0 in range(0, S, BS):
+                s = s0 + rs
+                p = tl.load(part_ptr + s.to(tl.int64)[:, None] * U + u[None, :],
+                            mask=(s < S)[:, None] & ok[None, :], other=0.0)
+                q += tl.sum(p * p, 0)
+        a = tl.load(sqacc_ptr + u, mask=ok, other=0.0)
+        tl.store(sqacc_ptr + u, a + q.to(a.dtype), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python entry points (2-D operands, validated by ops/masked_linear.py)
+# ---------------------------------------------------------------------------------------------
+
+def _degenerate(x: Tensor, weight: Tensor) -> bool:
+    return x.dtype == torch.float64 or x.shape[0] == 0 or weight.shape[0] == 0 or weight.shape[1] == 0
+
+
+def _stride(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+def masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out) -> Tensor:
+    if _degenerate(x, weight):
+        return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
+    T, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    dummy = y
+    grid = lambda meta: (triton.cdiv(T, meta["BT"]) * triton.cdiv(N, meta["BC"]),)  # noqa: E731
+    _fwd_kernel[grid](
+        x, weight, dummy if bias is None else bias,
+        dummy if mask_in is None else mask_in, dummy if mask_out is None else mask_out, y,
+        T, N, K, block_in, block_out,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        _stride(mask_in), _stride(mask_out),
+        HAS_BIAS=bias is not None, HAS_MIN=mask_in is not None, HAS_MOUT=mask_out is not None,
+        PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+    )
+    return y
+
+
+def _finish(U, S, tot, sqt, part, mode, acc, sq, need, dummy) -> Optional[Tensor]:
+    """Totals / squares of one side into the accumulators, and the mask gradient when asked."""
+    dm = torch.empty(U, dtype=torch.float32, device=tot.device) if need else None
+    if acc is None and sq is None and dm is None:
+        return None
+    BU = 128
+    _finalize_kernel[(triton.cdiv(U, BU),)](
+        tot, sqt, part, S, U, dummy if acc is None else acc, dummy if sq is None else sq,
+        dummy if dm is None else dm,
+        HAS_ACC=acc is not None, HAS_SQACC=sq is not None and mode > 0, HAS_DM=dm is not None,
+        SQ=mode, BU=BU, BS=32,
+    )
+    return dm
+
+
+def _sq_mode(want: bool, sq: Optional[Tensor], tps: int, block: int) -> int:
+    if not want or sq is None:
+        return 0
+    return 1 if tps == 1 and block == 1 else 2
+
+
+def masked_linear_bwd(
+    gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
+    need_x, need_weight, need_bias, need_mask_in, need_mask_out,
+    acc_in, acc_out, sq_in, sq_out,
+):
+    """Same contract as reference.masked_linear_bwd: (dx, dweight, dbias, dmask_in, dmask_out),
+    None where not needed; accumulators updated in place."""
+    if _degenerate(x, weight):
+        return reference.masked_linear_bwd(
+            gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
+            need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out)
+    T, K = x.shape
+    N = weight.shape[0]
+    dev = x.device
+    tps = max(int(tokens_per_sample), 1)
+    want_in = mask_in is not None and (need_mask_in or acc_in is not None or sq_in is not None)
+    want_out = mask_out is not None and (need_mask_out or acc_out is not None or sq_out is not None)
+    sq_in_mode = _sq_mode(want_in, sq_in, tps, block_in)
+    sq_out_mode = _sq_mode(want_out, sq_out, tps, block_out)
+    if (sq_in_mode or sq_out_mode) and T % tps:
+        raise ValueError(f"masked_linear: {T} tokens are not a whole number of samples of {tps} tokens")
+    S = T // tps
+    Ui = K // block_in if want_in else 0
+    Uo = N // block_out if want_out else 0
+
+    # one zeroed fp32 scratch: [tot_in | sq_in | part_in | tot_out | sq_out | part_out]
+    sizes = [Ui, Ui if sq_in_mode == 1 else 0, S * Ui if sq_in_mode == 2 else 0,
+             Uo, Uo if sq_out_mode == 1 else 0, S * Uo if sq_out_mode == 2 else 0]
+    scratch = torch.zeros(max(sum(sizes), 1), dtype=torch.float32, device=dev)
+    views, off = [], 0
+    for n in sizes:
+        views.append(scratch[off:off + n] if n else scratch)
+        off += n
+    tot_i, sqt_i, part_i, tot_o, sqt_o, part_o = views
+
+    dummy = scratch
+    prec, upcast = dot_precision(x.dtype), upcast_dot(x.dtype)
+    th = zero_threshold(x.dtype)
+    mi_arg = dummy if mask_in is None else mask_in
+    mo_arg = dummy if mask_out is None else mask_out
+
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    if need_x or want_in:
+        dx_arg = dx if dx is not None else dummy
+        grid = lambda meta: (triton.cdiv(T, meta["BT"]) * triton.cdiv(K, meta["BC"]),)  # noqa: E731
+        _dx_kernel[grid](
+            gy, weight, x, y, mi_arg, mo_arg, dx_arg,
+            tot_i, sqt_i, part_i, tot_o, sqt_o, part_o,
+            T, N, K, block_in, block_out, tps, max(Ui, 1), max(Uo, 1), th,
+            gy.stride(0), gy.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
+            y.stride(0), y.stride(1), dx_arg.stride(0) if dx is not None else 0,
+            dx_arg.stride(1) if dx is not None else 0, _stride(mask_in), _stride(mask_out),
+            NEED_DX=need_x, DO_IN=want_in, DO_OUT=want_out, SQ_IN=sq_in_mode, SQ_OUT=sq_out_mode,
+            HAS_MIN=mask_in is not None, HAS_MOUT=mask_out is not None, PREC=prec, UPCAST=upcast,
+        )
+    elif want_out:
+        BT, BC = 64, 64
+        _out_kernel[(triton.cdiv(T, BT), triton.cdiv(N, BC))](
+            gy, y, mask_out, tot_o, sqt_o, part_o, T, N, block_out, tps, Uo, th,
+            gy.stride(0), gy.stride(1), y.stride(0), y.stride(1), mask_out.stride(0),
+            SQ_OUT=sq_out_mode, BT=BT, BC=BC,
+        )
+    if want_out:
+        zunits = torch.empty(Uo, dtype=torch.int32, device=dev)
+        nz = torch.empty(1, dtype=torch.int32, device=dev)
+        _compact_kernel[(1,)](mask_out, mask_out.stride(0), Uo, th, zunits, nz, BLOCK=1024)
+        tiles = _zero_tiles()
+        _zero_kernel[(triton.cdiv(T, tiles["BT"]), triton.cdiv(N, tiles["BC"]))](
+            x, weight, dummy if bias is None else bias, mi_arg, gy, zunits, nz, tot_o, sqt_o, part_o,
+            T, N, K, block_in, block_out, tps, Uo,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gy.stride(0), gy.stride(1),
+            _stride(mask_in),
+            HAS_BIAS=bias is not None, HAS_MIN=mask_in is not None, SQ_OUT=sq_out_mode,
+            PREC=prec, UPCAST=upcast, **tiles,
+        )
+
+    dmask_in = _finish(Ui, S, tot_i, sqt_i, part_i, sq_in_mode, acc_in, sq_in, need_mask_in, dummy) if want_in else None
+    dmask_out = _finish(Uo, S, tot_o, sqt_o, part_o, sq_out_mode, acc_out, sq_out, need_mask_out, dummy) if want_out else None
+
+    dweight = dbias = None
+    if need_weight or need_bias:
+        mo_e = None if mask_out is None else mask_out.float().repeat_interleave(block_out)
+        if need_weight:
+            gw = (gy.t() @ x).float()  # weight-sized; the masks scale its rows / columns exactly
+            if mo_e is not None:
+                gw.mul_(mo_e[:, None])
+            if mask_in is not None:
+                gw.mul_(mask_in.float().repeat_interleave(block_in)[None, :])
+            dweight = gw.to(weight.dtype)
+        if need_bias:
+            gb = gy.float().sum(0)
+            dbias = (gb * mo_e if mo_e is not None else gb).to(weight.dtype)
+    return (dx, dweight, dbias, dmask_in if need_mask_in else None, dmask_out if need_mask_out else None)
