@@ -1,11 +1,16 @@
 """Which implementation runs each op, and why.
 
 Order of preference per device: CPU -> ``cpp`` (the compiled extension ``tsprune_kernels._C``) then
-``torch``; CUDA -> ``triton`` / ``cuda`` when they exist, then ``torch``. ``TSPRUNE_KERNELS_BACKEND``
-(``auto`` | ``torch`` | ``cpp`` | ``triton`` | ``cuda``) forces one backend for every op that has it;
-forcing one that is not available raises at the first call of an affected op (and ``backends()``
-shows the reason). The compiled extension is loaded inside a guard: when it is missing the package
-keeps working on the torch implementation and says so once.
+``torch``; CUDA -> ``cuda`` (the compiled extension ``tsprune_kernels._C_cuda``: repack) or
+``triton`` (``tsprune_kernels/triton/``: masked_linear, selection, block_reduce, act_sq, EMA) when
+they exist, then ``torch``. ``TSPRUNE_KERNELS_BACKEND`` (``auto`` | ``torch`` | ``cpp`` | ``triton`` |
+``cuda``) forces one backend for every op that has it; forcing one that is not available raises at
+the first call of an affected op (and ``backends()`` shows the reason). ``triton`` / ``cuda`` forced
+on an op that has no such implementation leaves that op on its automatic choice.
+``TSPRUNE_KERNELS_BACKEND=triton`` also applies to CPU tensors, which only works under the Triton
+interpreter (``TRITON_INTERPRET=1``, small shapes: tests); otherwise it raises. The compiled
+extensions and Triton are loaded inside guards: when one is missing the package keeps working on
+the torch implementation and says so once.
 """
 from __future__ import annotations
 
@@ -27,6 +32,17 @@ except Exception as e:  # ImportError, or an ABI mismatch surfacing as OSError /
     _C = None
     _C_ERROR = f"{type(e).__name__}: {e}"
 
+_C_CUDA = None
+_C_CUDA_ERROR: str | None = None
+try:  # the CUDA extension (repack); a separate .so so that CPU-only builds never need it
+    _C_CUDA = importlib.import_module(f"{__package__}._C_cuda")
+except Exception as e:
+    _C_CUDA = None
+    _C_CUDA_ERROR = f"{type(e).__name__}: {e}"
+
+_TRITON = None  # the tsprune_kernels.triton module once imported, False when it cannot be
+_TRITON_ERROR: str | None = None
+
 _warned = False
 
 
@@ -39,6 +55,31 @@ def requested() -> str:
 
 def cpp_available() -> bool:
     return _C is not None
+
+
+def cuda_ext_available() -> bool:
+    return _C_CUDA is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_impl():
+    """The ``tsprune_kernels.triton`` module (imported on first use, so that TRITON_INTERPRET set
+    by the caller before the first call is honoured); None when Triton cannot be imported."""
+    global _TRITON, _TRITON_ERROR
+    if _TRITON is None:
+        try:
+            _TRITON = importlib.import_module(f"{__package__}.triton")
+        except Exception as e:  # no triton, or one too old for the kernels
+            _TRITON = False
+            _TRITON_ERROR = f"{type(e).__name__}: {e}"
+    return _TRITON or None
+
+
+def triton_available() -> bool:
+    return triton_impl() is not None
 
 
 def _note_missing_extension() -> None:
@@ -63,9 +104,29 @@ class Choice:
         return f"{self.backend} ({self.reason})"
 
 
-# Ops that have a C++ CPU implementation. The Triton / CUDA implementations come with the GPU issue.
+# Ops that have a C++ CPU implementation.
 CPP_OPS = ("masked_linear", "global_kth_smallest", "prune_lowest_", "repack", "act_sq_accumulate_")
+# Ops with a Triton implementation (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
+TRITON_OPS = ("masked_linear", "global_kth_smallest", "prune_lowest_", "act_sq_accumulate_",
+              "block_reduce", "ema_update_")
+# Ops with a CUDA C++ implementation (tsprune_kernels._C_cuda).
+CUDA_OPS = ("repack",)
 ALL_OPS = CPP_OPS + ("block_reduce", "ema_update_", "scores")
+
+
+def _forced_triton(op: str, dev: str) -> Choice:
+    if dev not in ("cpu", "cuda"):
+        raise RuntimeError(f"TSPRUNE_KERNELS_BACKEND=triton but op {op!r} got {dev} tensors (cuda or cpu only)")
+    if not triton_available():
+        raise RuntimeError(f"TSPRUNE_KERNELS_BACKEND=triton but Triton is not usable: {_TRITON_ERROR}")
+    if dev == "cpu" and not triton_interpreting():
+        raise RuntimeError(
+            f"TSPRUNE_KERNELS_BACKEND=triton with CPU tensors (op {op!r}) needs the Triton interpreter: "
+            "set TRITON_INTERPRET=1 before the first call (tests / small shapes only), or move the "
+            "tensors to a CUDA device"
+        )
+    return Choice("triton", "forced by TSPRUNE_KERNELS_BACKEND=triton"
+                  + (" (Triton interpreter)" if dev == "cpu" else ""))
 
 
 def choose(op: str, device: torch.device | str) -> Choice:
@@ -83,10 +144,26 @@ def choose(op: str, device: torch.device | str) -> Choice:
         if _C is None:
             raise RuntimeError(f"TSPRUNE_KERNELS_BACKEND=cpp but the extension did not load: {_C_ERROR}")
         return Choice("cpp", "forced by TSPRUNE_KERNELS_BACKEND=cpp")
-    if want in ("triton", "cuda"):
-        raise RuntimeError(
-            f"TSPRUNE_KERNELS_BACKEND={want} but this build has no {want} implementation of {op!r} yet"
-        )
+    if want == "triton" and op in TRITON_OPS:
+        return _forced_triton(op, dev)
+    if want == "cuda" and op in CUDA_OPS:
+        if dev != "cuda":
+            raise RuntimeError(f"TSPRUNE_KERNELS_BACKEND=cuda but op {op!r} got {dev} tensors")
+        if _C_CUDA is None:
+            raise RuntimeError(f"TSPRUNE_KERNELS_BACKEND=cuda but tsprune_kernels._C_cuda did not load: {_C_CUDA_ERROR}")
+        return Choice("cuda", "forced by TSPRUNE_KERNELS_BACKEND=cuda")
+    # auto (or triton / cuda forced on an op without such an implementation)
+    if dev == "cuda":
+        if op in CUDA_OPS and _C_CUDA is not None:
+            return Choice("cuda", "compiled extension tsprune_kernels._C_cuda loaded")
+        if op in TRITON_OPS and torch.cuda.is_available() and triton_available():
+            return Choice("triton", f"Triton {_triton_version()} kernels")
+        if op in CUDA_OPS:
+            return Choice("torch", f"CUDA extension not loaded: {_C_CUDA_ERROR}")
+        if op in TRITON_OPS:
+            why = _TRITON_ERROR if not triton_available() else "no CUDA device"
+            return Choice("torch", f"Triton not usable: {why}")
+        return Choice("torch", "implemented as a few fused torch ops on every device")
     if has_cpp:
         if _C is not None:
             return Choice("cpp", "compiled extension tsprune_kernels._C loaded")
@@ -95,6 +172,15 @@ def choose(op: str, device: torch.device | str) -> Choice:
     if op in CPP_OPS:
         return Choice("torch", f"no {dev} kernel in this build")
     return Choice("torch", "implemented as a few fused torch ops on every device")
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # pragma: no cover
+        return "?"
 
 
 def backends() -> dict[str, dict[str, str]]:

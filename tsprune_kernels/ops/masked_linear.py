@@ -38,7 +38,10 @@ def masked_linear_fwd(
     block_out: int,
 ) -> Tensor:
     """x [T, K] -> y [T, N] (2-D; the wrapper flattens leading dims)."""
-    if _backend.choose("masked_linear", x.device).backend == "cpp":
+    backend = _backend.choose("masked_linear", x.device).backend
+    if backend == "triton":
+        return _backend.triton_impl().masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
+    if backend == "cpp":
         return _backend._C.masked_linear_fwd(
             x.contiguous(), weight.contiguous(), bias, mask_in, mask_out, block_in, block_out
         )
@@ -80,7 +83,10 @@ def masked_linear_bwd(
         gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
         need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out,
     )
-    if _backend.choose("masked_linear", x.device).backend == "cpp":
+    backend = _backend.choose("masked_linear", x.device).backend
+    if backend == "triton":
+        outs = _backend.triton_impl().masked_linear_bwd(*args)
+    elif backend == "cpp":
         outs = _backend._C.masked_linear_bwd(gy.contiguous(), *args[1:])
     else:
         outs = reference.masked_linear_bwd(*args)

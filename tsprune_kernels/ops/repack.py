@@ -51,4 +51,9 @@ def repack(
     cpu = all(t.device.type == "cpu" for t in tensors)
     if cpu and _backend.choose("repack", "cpu").backend == "cpp":
         return list(_backend._C.repack([t.detach() for t in tensors], keep_rows, keep_cols))
+    dev = tensors[0].device
+    if dev.type == "cuda" and all(t.device == dev for t in tensors) and _backend.choose("repack", dev).backend == "cuda":
+        with torch.cuda.device(dev):  # one launch for all tensors, on the current stream
+            return list(_backend._C_CUDA.repack([t.detach() for t in tensors], keep_rows, keep_cols,
+                                                torch.cuda.current_stream(dev).cuda_stream))
     return reference.repack([t.detach() for t in tensors], keep_rows, keep_cols)

@@ -24,6 +24,8 @@ def block_reduce(scores: Tensor, block: int, op: str = "sum") -> Tensor:
             f"block_reduce: last dim {scores.shape[-1] if scores.dim() else 0} of shape "
             f"{tuple(scores.shape)} is not divisible by block {block}"
         )
+    if _backend.choose("block_reduce", scores.device).backend == "triton":
+        return _backend.triton_impl().block_reduce(scores, block, op)
     return reference.block_reduce(scores, block, op)
 
 
@@ -84,7 +86,10 @@ def act_sq_accumulate_(x: Tensor, acc: Tensor) -> Tensor:
         raise TypeError(f"act_sq_accumulate_: acc must be float32 or float64, got {acc.dtype}")
     if x.device != acc.device:
         raise ValueError(f"act_sq_accumulate_: x on {x.device}, acc on {acc.device}")
-    if _backend.choose("act_sq_accumulate_", x.device).backend == "cpp" and acc.is_contiguous():
+    backend = _backend.choose("act_sq_accumulate_", x.device).backend
+    if backend == "triton":
+        return _backend.triton_impl().act_sq_accumulate_(x.detach(), acc)
+    if backend == "cpp" and acc.is_contiguous():
         _backend._C.act_sq_accumulate_(x.detach().reshape(-1, x.shape[-1]).contiguous(), acc)
         return acc
     return reference.act_sq_accumulate_(x.detach(), acc)
@@ -95,4 +100,6 @@ def ema_update_(imp: Tensor, score: Tensor, ema: float) -> Tensor:
     if not 0.0 <= float(ema) <= 1.0:
         raise ValueError(f"ema_update_: ema must be in [0, 1], got {ema}")
     _same_shape("ema_update_", imp, score)
+    if _backend.choose("ema_update_", imp.device).backend == "triton":
+        return _backend.triton_impl().ema_update_(imp, score, float(ema))
     return reference.ema_update_(imp, score, float(ema))

@@ -28,7 +28,10 @@ def global_kth_smallest(tensors: Sequence[Tensor] | Tensor, k: int, ignore_zeros
         raise ValueError(f"global_kth_smallest: tensors on several devices: {sorted(map(str, devices))}")
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"global_kth_smallest: k must be an int, got {type(k).__name__}")
-    if _backend.choose("global_kth_smallest", tensors[0].device).backend == "cpp":
+    backend = _backend.choose("global_kth_smallest", tensors[0].device).backend
+    if backend == "triton":
+        return _backend.triton_impl().kth_smallest_abs(tensors, k, ignore_zeros)
+    if backend == "cpp":
         try:
             return _backend._C.kth_smallest_abs([t.detach() for t in tensors], k, ignore_zeros)
         except RuntimeError as e:  # TORCH_CHECK messages -> the documented ValueError
@@ -53,8 +56,11 @@ def prune_lowest_(arena_or_mask, k: int, imp: Tensor | None = None) -> int:
         raise ValueError(f"prune_lowest_: k must be >= 0, got {k}")
     if not bool(torch.isfinite(imp).all()):
         raise ValueError("prune_lowest_: scores contain NaN or Inf")
+    backend = _backend.choose("prune_lowest_", mask.device).backend
+    if backend == "triton":
+        return _backend.triton_impl().prune_lowest_(mask, imp, int(k))
     if (
-        _backend.choose("prune_lowest_", mask.device).backend == "cpp"
+        backend == "cpp"
         and mask.dtype == imp.dtype == torch.float32
         and mask.is_contiguous()
         and imp.is_contiguous()
