@@ -220,6 +220,9 @@ struct UnitMask {
   std::vector<double> m;     // per unit
   std::vector<double> inv;   // 1/m, 0 for zero units
   std::vector<int64_t> zero; // indices of zero units
+  bool all_ones = false;     // every entry is exactly 1: nothing to fold
+
+  bool folds() const { return present && !all_ones; }
 
   double channel(int64_t c) const { return m[static_cast<size_t>(c / block)]; }
 };
@@ -247,6 +250,7 @@ UnitMask read_mask(const std::optional<at::Tensor>& mask, int64_t width, int64_t
   const double* p = md.data_ptr<double>();
   um.m.assign(p, p + md.numel());
   um.inv.resize(um.m.size());
+  um.all_ones = std::all_of(um.m.begin(), um.m.end(), [](double v) { return v == 1.0; });
   for (size_t u = 0; u < um.m.size(); ++u) {
     const double v = um.m[u];
     const bool z = !std::isfinite(v) || std::fabs(v) < thresh;
@@ -378,12 +382,14 @@ at::Tensor to_tensor(const std::vector<double>& v, at::ScalarType dt) {
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// Wf = expand(m_out)[:, None] * W * expand(m_in)[None, :]; W itself when both masks are absent
+// or all ones.
 at::Tensor folded_weight(const at::Tensor& w, const UnitMask& mi, const UnitMask& mo) {
-  if (!mi.present && !mo.present) return w;
+  if (!mi.folds() && !mo.folds()) return w;
   std::vector<double> ei, eo;
-  if (mi.present) ei = expand_channels(mi, w.size(1));
-  if (mo.present) eo = expand_channels(mo, w.size(0));
-  return scaled_copy(w, mo.present ? eo.data() : nullptr, mi.present ? ei.data() : nullptr);
+  if (mi.folds()) ei = expand_channels(mi, w.size(1));
+  if (mo.folds()) eo = expand_channels(mo, w.size(0));
+  return scaled_copy(w, mo.folds() ? eo.data() : nullptr, mi.folds() ? ei.data() : nullptr);
 }
 
 }  // namespace
@@ -415,7 +421,7 @@ at::Tensor masked_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor wf = folded_weight(weight.contiguous(), mi, mo);
   if (!has(bias)) return at::mm(xc, wf.t());
   at::Tensor bf = bias->contiguous();
-  if (mo.present) {
+  if (mo.folds()) {
     std::vector<double> eo = expand_channels(mo, N);
     bf = scaled_copy(bf.view({1, N}), nullptr, eo.data()).view({N});
   }
@@ -507,7 +513,7 @@ std::vector<at::Tensor> masked_linear_bwd(
     // y_pre[:, Z] = x @ (W[Z] * expand(m_in)).T + b[Z]
     const at::Tensor idx = unit_channels(mo.zero, block_out);
     at::Tensor wz = wc.index_select(0, idx);
-    if (mi.present) {
+    if (mi.folds()) {
       std::vector<double> ei = expand_channels(mi, K);
       scale_inplace(wz, nullptr, ei.data());
     }
@@ -535,7 +541,7 @@ std::vector<at::Tensor> masked_linear_bwd(
       // dxm[:, Z] = gy @ (W[:, Z] * expand(m_out)[:, None])
       const at::Tensor idx = unit_channels(mi.zero, block_in);
       at::Tensor wz = wc.index_select(1, idx);
-      if (mo.present) {
+      if (mo.folds()) {
         std::vector<double> eo = expand_channels(mo, N);
         scale_inplace(wz, eo.data(), nullptr);
       }
@@ -555,11 +561,11 @@ std::vector<at::Tensor> masked_linear_bwd(
   // ---- parameter gradients ----
   if (need_weight) {
     at::Tensor dw = at::mm(gyc.t(), xc);  // [N, K], fresh and contiguous
-    if (mi.present || mo.present) {
+    if (mi.folds() || mo.folds()) {
       std::vector<double> ei, eo;
-      if (mi.present) ei = expand_channels(mi, K);
-      if (mo.present) eo = expand_channels(mo, N);
-      scale_inplace(dw, mo.present ? eo.data() : nullptr, mi.present ? ei.data() : nullptr);
+      if (mi.folds()) ei = expand_channels(mi, K);
+      if (mo.folds()) eo = expand_channels(mo, N);
+      scale_inplace(dw, mo.folds() ? eo.data() : nullptr, mi.folds() ? ei.data() : nullptr);
     }
     out[1] = dw;
   }

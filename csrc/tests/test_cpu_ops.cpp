@@ -87,12 +87,12 @@ struct LinCase {
 };
 
 void test_masked_linear_case(at::ScalarType dt, const LinCase& c, bool with_bias, bool with_in,
-                             bool with_out, bool with_sq) {
+                             bool with_out, bool with_sq, int ones = 0) {
   const int64_t T = c.ns * c.tps, K = c.K, N = c.N, Ui = K / c.bi, Uo = N / c.bo;
   std::ostringstream tag;
   tag << "masked_linear " << dtype_name(dt) << " T=" << T << " (" << c.ns << "x" << c.tps
       << ") K=" << K << " N=" << N << " bi=" << c.bi << " bo=" << c.bo << " bias=" << with_bias
-      << " in=" << with_in << " out=" << with_out << " sq=" << with_sq;
+      << " in=" << with_in << " out=" << with_out << " sq=" << with_sq << " ones=" << ones;
   const std::string name = tag.str();
 
   const at::Tensor x = at::randn({T, K}, at::kDouble).to(dt);
@@ -106,14 +106,14 @@ void test_masked_linear_case(at::ScalarType dt, const LinCase& c, bool with_bias
     m.index_put_({0}, 0.0);                              // exact zero
     if (Ui > 2) m.index_put_({Ui - 1}, 1e-30);           // "near zero"
     if (Ui > 3) m.index_put_({1}, 1.0);
-    mi = m;
+    mi = (ones & 1) ? at::ones({Ui}, at::kDouble) : m;
   }
   if (with_out) {
     at::Tensor m = (at::rand({Uo}, at::kDouble) * 1.5).to(at::kFloat);
     m.index_put_({Uo - 1}, 0.0);
     if (Uo > 2) m.index_put_({0}, -0.0);
     if (Uo > 4) m.index_put_({2}, 1.0);
-    mo = m;
+    mo = (ones & 2) ? at::ones({Uo}, at::kFloat) : m;
   }
 
   // float64 reference
@@ -209,6 +209,14 @@ void test_masked_linear() {
         test_masked_linear_case(dt, cases[i], /*bias=*/i % 2 == 0 || cfg == 3, with_in, with_out,
                                 /*sq=*/i != 1);
       }
+    }
+  }
+
+  // All-ones masks (nothing folded) next to non-binary ones.
+  for (at::ScalarType dt : {at::kDouble, at::kFloat}) {
+    for (int ones = 1; ones < 4; ++ones) {
+      test_masked_linear_case(dt, cases[2], true, true, true, true, ones);
+      test_masked_linear_case(dt, cases[4], false, true, true, true, ones);
     }
   }
 
