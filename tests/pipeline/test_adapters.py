@@ -26,6 +26,15 @@ from tsprune.plan import load_exact, repack_model
 warnings.filterwarnings("ignore", message=".*compiled CPU extension not loaded.*")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: intra-op threads only add overhead (a lot of it on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # -- model cases ------------------------------------------------------------------------------------
 @dataclass
 class Case:
@@ -120,6 +129,36 @@ def _patchtst_output(model, context):
     return get_adapter(model)._point(model, context)
 
 
+def _timesfm() -> nn.Module:
+    from transformers import TimesFmConfig, TimesFmModelForPrediction
+
+    torch.manual_seed(0)
+    # TimesFM 2.0-500m shape (hidden 1280, 16 heads of 80, ffn 1280, 50 layers, patch 32, horizon 128), scaled down
+    cfg = TimesFmConfig(
+        patch_length=8, context_length=64, horizon_length=16, num_hidden_layers=3, hidden_size=64,
+        intermediate_size=64, head_dim=16, num_attention_heads=4, initializer_range=0.1,
+    )
+    return TimesFmModelForPrediction(cfg).eval()
+
+
+def _timesfm25(**kw) -> nn.Module:
+    from transformers import TimesFm2_5Config, TimesFm2_5ModelForPrediction
+
+    torch.manual_seed(0)
+    # TimesFM 2.5-200m shape (hidden 1280, 16 heads of 80, ffn 1280, 20 layers, patch 32), scaled down
+    cfg = dict(
+        patch_length=8, context_length=64, horizon_length=16, num_hidden_layers=3, hidden_size=64,
+        intermediate_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=4,
+        output_quantile_len=32, max_position_embeddings=64, initializer_range=0.1,
+    )
+    cfg.update(kw)
+    return TimesFm2_5ModelForPrediction(TimesFm2_5Config(**cfg)).eval()
+
+
+def _timesfm_output(model, context):
+    return get_adapter(model).predict(model, context, 16)
+
+
 CASES = {
     "chronos-bolt": Case(
         "chronos-bolt", _chronos_bolt, _bolt_inputs, _bolt_output,
@@ -140,6 +179,16 @@ CASES = {
         "patchtst-3ch", _patchtst_multi, _ts_inputs, _patchtst_output,
         kill_heads="model.encoder.layers.0.self_attn.out_proj.in",
         kill_ffn="model.encoder.layers.1.ff.3.in",
+    ),
+    "timesfm": Case(
+        "timesfm", _timesfm, _ts_inputs, _timesfm_output,
+        kill_heads="decoder.layers.1.self_attn.v_proj.out",
+        kill_ffn="decoder.layers.2.mlp.gate_proj.out",
+    ),
+    "timesfm2.5": Case(
+        "timesfm2.5", _timesfm25, _ts_inputs, _timesfm_output,
+        kill_heads="model.layers.0.self_attn.o_proj.in",
+        kill_ffn="model.layers.1.mlp.fc2.in",
     ),
 }
 
@@ -471,3 +520,80 @@ def test_patchtst_multichannel_packing_is_per_series():
     together = ad.predict(model, ctx, 16)
     alone = torch.cat([ad.predict(model, ctx[i : i + 1], 16) for i in range(ctx.shape[0])])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_timesfm_scaling_follows_head_dims():
+    model = _timesfm()
+    ad = get_adapter(model, heads=False, block=4)
+    assert ad.family == "timesfm"
+    sites = ad.sites(model)
+    masks = ones_masks(sites)
+    ap = "decoder.layers.0.self_attn"
+    keep = {0: [1, 5, 9], 1: [0, 2], 2: [3, 4, 7, 15], 3: []}  # q/k dims kept per head
+    qk = torch.zeros(64)
+    for h, dims in keep.items():
+        qk[[h * 16 + d for d in dims]] = 1
+    masks[f"{ap}.k_proj.out"] = qk
+    masks[f"{ap}.o_proj.in"][48:] = 0  # head 3 removed
+    attach_masks(model, sites, masks)
+    ctx, _ = _ts_inputs(torch.Generator().manual_seed(15))
+    ref = _timesfm_output(model, ctx)
+    scaling = model.get_submodule(ap).scaling.detach().clone()
+    new, plan = repack_model(model, ad, sites, masks)
+    att = new.get_submodule(ap)
+    assert (att.num_heads, att.head_dim, att.v_head_dim, att.orig_head_dim) == (3, 4, 16, 16)
+    assert att.scaling.shape == (12,)
+    for h in range(3):  # each head's slots carry the scaling of its own original dims
+        dims = plan.keep[f"{ap}.scaling"]["rows"][4 * h : 4 * h + 4]
+        assert set(keep[h]) <= set(dims) and len(set(dims)) == 4
+        torch.testing.assert_close(att.scaling[4 * h : 4 * h + 4], scaling[dims])
+    torch.testing.assert_close(_timesfm_output(new, ctx), ref, atol=1e-5 * max(1, float(ref.abs().max())), rtol=0)
+
+
+def test_timesfm25_keeps_full_qk_heads():
+    model = _timesfm25()
+    ad = get_adapter(model, heads=False, block=4)
+    assert ad.family == "timesfm2.5"
+    sites = ad.sites(model)
+    masks = ones_masks(sites)
+    ap = "model.layers.1.self_attn"
+    masks[f"{ap}.q_proj.out"][torch.arange(64) % 16 >= 6] = 0  # q/k dims: kept whole (q/k norm over the head)
+    masks[f"{ap}.v_proj.out"][torch.arange(64) % 16 >= 5] = 0
+    masks[f"{ap}.v_proj.out"][16:32] = 0  # head 1 removed
+    attach_masks(model, sites, masks)
+    ctx, _ = _ts_inputs(torch.Generator().manual_seed(16))
+    ref = _timesfm_output(model, ctx)
+    new, _ = repack_model(model, ad, sites, masks)
+    att = new.get_submodule(ap)
+    assert (att.num_heads, att.head_dim, att.v_head_dim) == (3, 16, 5)
+    assert att.q_proj.out_features == 48 and att.o_proj.in_features == 15
+    torch.testing.assert_close(_timesfm_output(new, ctx), ref, atol=1e-5 * max(1, float(ref.abs().max())), rtol=0)
+    with pytest.raises(NotImplementedError, match="grouped-query"):
+        get_adapter(_timesfm25(num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("name", ["timesfm", "timesfm2.5"])
+def test_timesfm_loss_and_predict(name):
+    model = CASES[name].build()
+    ad = get_adapter(model)
+    ctx, tgt = _ts_inputs(torch.Generator().manual_seed(17))
+    kw = {"freq": [0] * 5} if name == "timesfm" else {}
+    own = model(past_values=ctx, future_values=tgt, **kw).loss
+    torch.testing.assert_close(ad.loss(model, ctx, tgt), own)
+    assert torch.isfinite(ad.loss(model, ctx, tgt[:, :7]))
+    with pytest.raises(ValueError, match="horizon_length"):
+        ad.loss(model, ctx, torch.randn(5, 17))
+    with torch.no_grad():
+        point = model(past_values=ctx, **kw).mean_predictions
+    torch.testing.assert_close(ad.predict(model, ctx, 10), point[:, :10])
+    p = ad.predict(model, ctx, 40)  # beyond horizon_length 16: decoded again on the extended context
+    assert p.shape == (5, 40) and torch.isfinite(p).all()
+    torch.testing.assert_close(p[:, :16], point)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_repacked_model_refuses_to_be_pruned_again(name):
+    case = CASES[name]
+    _, new, _, ad, _, _ = _check_repack(case, False, torch.float32, seed=600)
+    with pytest.raises(ValueError, match="already repacked"):
+        ad.sites(new)

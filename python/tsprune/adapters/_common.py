@@ -332,3 +332,13 @@ def plan_ffn(
         pb.linear(model, path, keep, None, zero=not bool(live.inp.any()))
     pb.linear(model, down, None, keep, zero=not bool(ld.inp.any()))
     return keep
+
+
+def refuse_repacked(model: nn.Module, pruned_classes: tuple[type, ...]) -> None:
+    """Sites and plans are computed on an unpruned model; a repacked one (per-layer shapes, separate
+    q/k and v/o head dims, ZeroLinears) cannot be pruned again by these adapters."""
+    if any(isinstance(m, pruned_classes) or isinstance(m, ZeroLinear) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} was already repacked by tsprune; prune the original model instead "
+            "(re-pruning a repacked model is not supported)"
+        )

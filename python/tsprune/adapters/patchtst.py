@@ -38,6 +38,7 @@ from ._common import (
     ffn_sites,
     plan_attention,
     plan_ffn,
+    refuse_repacked,
     resolve_block,
 )
 from .base import Adapter, Plan, Site
@@ -109,6 +110,7 @@ class PatchTSTAdapter(Adapter):
         return f"{lp}.ff.{idx[0]}", f"{lp}.ff.{idx[1]}", act
 
     def sites(self, model: nn.Module) -> list[Site]:
+        refuse_repacked(model, (PrunedPatchTSTAttention,))
         rb = resolve_block(self.block, "residual", resolve_block(self.block, "ffn"))
         sites: list[Site] = []
         for i, lp in enumerate(self._layers(model)):

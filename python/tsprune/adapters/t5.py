@@ -44,6 +44,7 @@ from ._common import (
     ffn_sites,
     plan_attention,
     plan_ffn,
+    refuse_repacked,
     resolve_block,
 )
 from .base import Adapter, Plan, Site
@@ -162,6 +163,7 @@ class T5Adapter(Adapter):
         return out
 
     def sites(self, model: nn.Module) -> list[Site]:
+        refuse_repacked(model, (PrunedT5Attention,))
         sites: list[Site] = []
         rb = resolve_block(self.block, "residual", resolve_block(self.block, "ffn"))
         for _sp, label, blocks in self._layout(model):
