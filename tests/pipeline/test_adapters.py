@@ -64,12 +64,14 @@ def _chronos_bolt() -> nn.Module:
     return ChronosBoltModelForForecasting(cfg).eval()
 
 
-def _chronos_classic() -> nn.Module:
+def _chronos_classic(bare: bool = False) -> nn.Module:
+    """Classic Chronos: a ChronosModel wrapper, or (bare) the T5ForConditionalGeneration of a Chronos
+    checkpoint, whose config carries ``chronos_config`` (what tsprune.models loads from disk)."""
     from chronos.chronos import ChronosConfig, ChronosModel
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    cc = ChronosConfig(
+    cc = dict(
         tokenizer_class="MeanScaleUniformBins", tokenizer_kwargs={"low_limit": -15.0, "high_limit": 15.0},
         context_length=48, prediction_length=8, n_tokens=96, n_special_tokens=2, pad_token_id=0,
         eos_token_id=1, use_eos_token=True, model_type="seq2seq", num_samples=4, temperature=1.0,
@@ -78,9 +80,16 @@ def _chronos_classic() -> nn.Module:
     cfg = T5Config(
         d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, num_decoder_layers=2,
         feed_forward_proj="gated-gelu", vocab_size=96, decoder_start_token_id=0, pad_token_id=0,
-        eos_token_id=1, initializer_factor=0.5,
+        eos_token_id=1, initializer_factor=0.5, **({"chronos_config": cc} if bare else {}),
     )
-    return ChronosModel(cc, T5ForConditionalGeneration(cfg)).eval()
+    t5 = T5ForConditionalGeneration(cfg).eval()
+    return t5 if bare else ChronosModel(ChronosConfig(**cc), t5).eval()
+
+
+def _t5_of(model):
+    from transformers import T5ForConditionalGeneration
+
+    return model if isinstance(model, T5ForConditionalGeneration) else model.model
 
 
 def _bolt_inputs(g):
@@ -100,7 +109,7 @@ def _classic_output(model, context):
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(2, 96, (context.shape[0], context.shape[1]), generator=g)
     dec = torch.randint(2, 96, (context.shape[0], 5), generator=g)
-    return model.model(input_ids=ids, decoder_input_ids=dec).logits
+    return _t5_of(model)(input_ids=ids, decoder_input_ids=dec).logits
 
 
 def _patchtst(**kw) -> nn.Module:
@@ -169,6 +178,11 @@ CASES = {
         "chronos", _chronos_classic, _classic_inputs, _classic_output,
         kill_heads="model.decoder.block.1.layer.1.EncDecAttention.o.in",
         kill_ffn="model.encoder.block.0.layer.1.DenseReluDense.wi_1.out",
+    ),
+    "chronos-t5": Case(
+        "chronos-t5", lambda: _chronos_classic(bare=True), _classic_inputs, _classic_output,
+        kill_heads="encoder.block.0.layer.0.SelfAttention.v.in",  # v has no live input: every head goes
+        kill_ffn="decoder.block.1.layer.2.DenseReluDense.wo.in",
     ),
     "patchtst": Case(
         "patchtst", _patchtst, _ts_inputs, _patchtst_output,
@@ -410,9 +424,9 @@ def test_t5_shared_embedding_stays_tied():
     _, new, _, _, _, _ = _check_repack(case, False, torch.float32, seed=400)
     assert new.encoder.embed_tokens.weight is new.shared.weight
     assert new.decoder.embed_tokens.weight is new.shared.weight
-    case = CASES["chronos"]
-    _, new, _, _, _, _ = _check_repack(case, True, torch.float32, seed=401)
-    assert new.model.lm_head.weight is new.model.shared.weight
+    for name in ("chronos", "chronos-t5"):
+        _, new, _, _, _, _ = _check_repack(CASES[name], True, torch.float32, seed=401)
+        assert _t5_of(new).lm_head.weight is _t5_of(new).shared.weight
 
 
 def test_t5_qk_and_vo_dims_are_separate():
@@ -449,18 +463,20 @@ def test_chronos_bolt_loss_and_predict():
     torch.testing.assert_close(long[:, :16], model(context=ctx).quantile_preds[:, 4])
 
 
-def test_chronos_classic_cached_decoding_after_repack():
+@pytest.mark.parametrize("name", ["chronos", "chronos-t5"])
+def test_chronos_classic_cached_decoding_after_repack(name):
     """Generation path (KV cache, cross-attention cache reuse) of a repacked classic Chronos."""
-    case = CASES["chronos"]
+    case = CASES[name]
     model, new, _, ad, _, ctx = _check_repack(case, False, torch.float32, seed=500)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, 96, (2, 12), generator=g)
 
     def run(m):
-        enc = m.model.get_encoder()(input_ids=ids)
+        m = _t5_of(m)
+        enc = m.get_encoder()(input_ids=ids)
         nxt, cache, logits = torch.zeros(2, 1, dtype=torch.long), None, []
         for _ in range(3):
-            out = m.model(encoder_outputs=enc, decoder_input_ids=nxt, cache=cache, use_cache=True)
+            out = m(encoder_outputs=enc, decoder_input_ids=nxt, cache=cache, use_cache=True)
             cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
             logits.append(out.logits)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -597,3 +613,34 @@ def test_repacked_model_refuses_to_be_pruned_again(name):
     _, new, _, ad, _, _ = _check_repack(case, False, torch.float32, seed=600)
     with pytest.raises(ValueError, match="already repacked"):
         ad.sites(new)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "chronos"])  # ChronosModel has no HF config
+def test_save_and_load_pruned(name, tmp_path):
+    """A repacked model saves and loads again without masks or calibration state."""
+    from tsprune.plan import load_pruned, save_pruned
+
+    case = CASES[name]
+    _, new, plan, _, _, ctx = _check_repack(case, True, torch.float32, seed=700)
+    save_pruned(new, tmp_path / "m", plan)
+    back = load_pruned(tmp_path / "m")
+    assert type(back) is type(new) and n_params(back) == n_params(new)
+    torch.testing.assert_close(_forward(case, back, ctx), _forward(case, new, ctx), atol=0, rtol=0)
+
+
+def test_t5_heads_without_qk_dims_keep_the_bias_scores():
+    """q with no live input: q.k == 0 everywhere, but the heads still attend by position bias."""
+    model = _chronos_bolt()
+    ad = get_adapter(model, heads=False, block=4)
+    sites = ad.sites(model)
+    masks = ones_masks(sites)
+    ap = "encoder.block.0.layer.0.SelfAttention"
+    masks[f"{ap}.q.in"].zero_()
+    attach_masks(model, sites, masks)
+    ctx, _ = _bolt_inputs(torch.Generator().manual_seed(18))
+    ref = _bolt_output(model, ctx)
+    new, plan = repack_model(model, ad, sites, masks)
+    att = new.get_submodule(ap)
+    assert (att.n_heads, att.key_value_proj_dim, att.v_head_dim) == (2, 0, 16)
+    assert isinstance(att.q, ZeroLinear) and isinstance(att.k, ZeroLinear)
+    torch.testing.assert_close(_bolt_output(new, ctx), ref, atol=1e-5 * max(1, float(ref.abs().max())), rtol=0)

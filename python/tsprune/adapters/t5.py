@@ -1,8 +1,9 @@
 """T5 encoder-decoder family: Chronos-Bolt (default model of tsprune) and classic Chronos.
 
 Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
-Receives a ``ChronosBoltModelForForecasting`` (chronos-forecasting) or a ``ChronosModel`` wrapping a
-``T5ForConditionalGeneration``; hands on its sites (every q, k, v, o of SelfAttention and
+Receives a ``ChronosBoltModelForForecasting`` (chronos-forecasting), or classic Chronos: a
+``ChronosModel`` wrapping a ``T5ForConditionalGeneration``, or that T5 alone with ``chronos_config``
+in its config (as a Chronos checkpoint loads); hands on its sites (every q, k, v, o of SelfAttention and
 EncDecAttention, every DenseReluDense wi / wi_0 / wi_1 / wo, encoder and decoder), a plan from mask
 values, and the in-place restructuring for repack and load. It touches only the T5 stacks.
 
@@ -299,7 +300,8 @@ class ChronosBoltAdapter(T5Adapter):
 
 @register
 class ChronosAdapter(T5Adapter):
-    """Classic Chronos (``chronos.ChronosModel`` around a T5ForConditionalGeneration).
+    """Classic Chronos: a ``chronos.ChronosModel`` around a T5ForConditionalGeneration, or the bare
+    T5ForConditionalGeneration of a Chronos checkpoint (its config carries ``chronos_config``).
 
     loss: cross-entropy on the tokenised target (Chronos' mean-scale bins; a target shorter than
     ``prediction_length`` is padded with NaN = ignored tokens, a longer one raises).
@@ -314,10 +316,25 @@ class ChronosAdapter(T5Adapter):
             from chronos.chronos import ChronosModel
         except ImportError:  # pragma: no cover
             return False
-        return isinstance(model, ChronosModel) and bool(T5Adapter._stacks(model))
+        if isinstance(model, ChronosModel):
+            return bool(T5Adapter._stacks(model))
+        from transformers import T5ForConditionalGeneration
+
+        cc = getattr(getattr(model, "config", None), "chronos_config", None)
+        return isinstance(model, T5ForConditionalGeneration) and isinstance(cc, dict) and "n_tokens" in cc
+
+    @staticmethod
+    def _parts(model):
+        """(T5ForConditionalGeneration, ChronosConfig, ChronosModel) of either form."""
+        from chronos.chronos import ChronosConfig, ChronosModel
+
+        if isinstance(model, ChronosModel):
+            return model.model, model.config, model
+        cfg = ChronosConfig(**model.config.chronos_config)
+        return model, cfg, ChronosModel(cfg, model)
 
     def loss(self, model, context, target):
-        cfg = model.config
+        t5, cfg, _ = self._parts(model)
         p = cfg.prediction_length
         h = target.shape[-1]
         if h > p:
@@ -329,14 +346,15 @@ class ChronosAdapter(T5Adapter):
         ids, attn, scale = tok.context_input_transform(context.detach().float().cpu())
         labels, lmask = tok.label_input_transform(target.detach().float().cpu(), scale)
         labels[~lmask] = -100
-        dev = next(model.parameters()).device
-        out = model.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), labels=labels.to(dev))
+        dev = next(t5.parameters()).device
+        out = t5(input_ids=ids.to(dev), attention_mask=attn.to(dev), labels=labels.to(dev))
         return out.loss
 
     @torch.no_grad()
     def predict(self, model, context, horizon):
         from chronos.chronos import ChronosPipeline
 
-        pipe = ChronosPipeline(tokenizer=model.config.create_tokenizer(), model=model)
+        _, cfg, wrapped = self._parts(model)
+        pipe = ChronosPipeline(tokenizer=cfg.create_tokenizer(), model=wrapped)
         samples = pipe.predict(context.detach().float().cpu(), prediction_length=horizon)
         return samples.median(dim=1).values[:, :horizon].to(device=context.device, dtype=context.dtype)
