@@ -99,7 +99,8 @@ def _prune(model, task, a, out: pathlib.Path):
     pruner = Pruner(model, **_pruner_kwargs(a, len(task.train)))
     t = time.time()
     cal = calibrate(model, pruner, task.train, task.val, epochs=a.calib_epochs, batch_size=a.batch_size,
-                    patience=a.patience, seed=a.seed, progress=a.progress, log=_log)
+                    patience=a.patience, val_tolerance=a.val_tolerance, seed=a.seed,
+                    progress=a.progress, log=_log)
     calib_s = time.time() - t
     masked_val = mean_loss(model, pruner.adapter, task.val, a.batch_size)
     small = pruner.repack()
@@ -241,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--ema", type=float, default=0.5)
         sp.add_argument("--block", type=int, default=1, help="channels per FFN / residual unit")
         sp.add_argument("--heads", action="store_true", help="attention units are whole heads")
-        sp.add_argument("--prune-ratio-per-epoch", type=float, default=0.5)
+        sp.add_argument("--prune-ratio-per-epoch", type=float, default=0.1)
         sp.add_argument("--macro-batch-size", type=int, default=1024)
         sp.add_argument("--max-prune-ratio", type=float, default=0.8)
         sp.add_argument("--calib-epochs", type=int, default=4)
+        sp.add_argument("--val-tolerance", type=float, default=0.001,
+                        help="keep the latest masks whose val loss is within this relative tolerance "
+                             "of the best (0: SPEC rule, keep the best; default 0.1%%)")
         sp.add_argument("--residual", action="store_true",
                         help="also mask residual-stream sides (paper behaviour; zeros stay as zero weights)")
 

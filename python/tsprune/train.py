@@ -100,13 +100,20 @@ def calibrate(
     epochs: int = 10,
     batch_size: int = 32,
     patience: int = 1,
+    val_tolerance: float = 0.0,
     seed: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> CalibrationResult:
     """SPEC stage 1: frozen weights, masks on every site, gradient accumulation into the arena,
     pruning at macro-batch boundaries, validation each epoch with patience, restore of the best
-    masks (masks only: no weight is ever changed, so an earlier, less-pruned best comes back whole)."""
+    masks (masks only: no weight is ever changed, so an earlier, less-pruned best comes back whole).
+
+    The kept masks are those of the latest epoch whose validation loss is within ``val_tolerance``
+    (relative) of the lowest seen; 0 is SPEC's rule (keep the best). A small tolerance trades a
+    little masked validation loss, before fine-tuning, for a smaller model."""
+    if val_tolerance < 0:
+        raise ValueError(f"calibrate: val_tolerance must be >= 0, got {val_tolerance}")
     adapter = pruner.adapter
     if pruner.samples_per_epoch is None:
         pruner.samples_per_epoch = len(train)
@@ -114,6 +121,7 @@ def calibrate(
     with frozen(model):
         pruner.attach()
         best = (mean_loss(model, adapter, val, batch_size), pruner.state_dict())
+        lowest = best[0]
         hist = [{"epoch": 0, "val_loss": best[0], "pruned": pruner.pruned_fraction()}]
         best_epoch, bad, seen = 0, 0, 0
         for ep in range(1, epochs + 1):
@@ -131,7 +139,8 @@ def calibrate(
                          "macro_steps": pruner.macro_steps})
             if log:
                 log(f"calibrate epoch {ep}: val loss {v:.4f}, pruned {pruner.pruned_fraction():.1%}")
-            if v < best[0]:
+            lowest = min(lowest, v)
+            if v <= lowest * (1 + val_tolerance):
                 best, best_epoch, bad = (v, pruner.state_dict()), ep, 0
             else:
                 bad += 1
