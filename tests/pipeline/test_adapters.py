@@ -100,10 +100,12 @@ def _classic_inputs(g):
     return torch.randn(3, 48, generator=g) * 2 + 1, torch.randn(3, 8, generator=g) * 2 + 1
 
 
+@torch.no_grad()
 def _bolt_output(model, context):
     return model(context=context).quantile_preds
 
 
+@torch.no_grad()
 def _classic_output(model, context):
     """Teacher-forced logits over a fixed decoder sequence (encoder, decoder self/cross-attention)."""
     g = torch.Generator().manual_seed(7)
@@ -134,6 +136,7 @@ def _ts_inputs(g):
     return torch.randn(5, 64, generator=g) * 2 + 1, torch.randn(5, 16, generator=g) * 2 + 1
 
 
+@torch.no_grad()
 def _patchtst_output(model, context):
     return get_adapter(model)._point(model, context)
 
