@@ -1,0 +1,119 @@
+"""CPU kernel benchmarks of issue 2 (one run, side by side, median after warm-up):
+
+1. One calibration step of a masked Linear at the Chronos-Bolt-small FFN shape (8192 tokens,
+   512 -> 2048, fp32): forward + backward to x and both masks, frozen weight. Cases: the same
+   step without masks; plain PyTorch autograd masks (F.linear(x*m_in, W, b)*m_out with mask
+   parameters, SPEC.md); tsprune masked_linear on the C++ backend and on the torch backend.
+   Masks all ones (the first macro step) and 0/1 with half the units pruned (mid-calibration).
+2. Repack of a Chronos-Bolt-small-like set of weights (12 layers of q,k,v,o 512x512, wi 2048x512,
+   wo 512x2048, half the rows and half the columns kept) vs a per-tensor index_select loop.
+
+    python benchmarks/bench_cpu_kernels.py [--tokens 8192] [--reps 7]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import bench, write  # noqa: E402
+
+import tsprune_kernels as K  # noqa: E402
+from tsprune_kernels import _backend  # noqa: E402
+
+
+def masked_step_cases(T, k, n, zero_frac):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, k, generator=g).requires_grad_(True)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g)
+    gy = torch.randn(T, n, generator=g)
+    mi0 = (torch.rand(k, generator=g) >= zero_frac).float()
+    mo0 = (torch.rand(n, generator=g) >= zero_frac).float()
+
+    def unmasked():
+        x.grad = None
+        F.linear(x, w, b).backward(gy)
+
+    mi_p, mo_p = mi0.clone().requires_grad_(True), mo0.clone().requires_grad_(True)
+
+    def autograd_masks():
+        x.grad = mi_p.grad = mo_p.grad = None
+        (F.linear(x * mi_p, w, b) * mo_p).backward(gy)
+
+    acc_i, acc_o = torch.zeros(k), torch.zeros(n)
+    mi_l, mo_l = mi0.clone().requires_grad_(True), mo0.clone().requires_grad_(True)
+
+    def ours(backend):
+        def f():
+            os.environ["TSPRUNE_KERNELS_BACKEND"] = backend
+            x.grad = None
+            K.masked_linear(x, w, b, mi_l, mo_l, grad_acc_in=acc_i, grad_acc_out=acc_o).backward(gy)
+        return f
+
+    cases = {"unmasked": unmasked, "autograd_masks": autograd_masks, "tsprune_torch": ours("torch")}
+    if _backend.cpp_available():
+        cases["tsprune_cpp"] = ours("cpp")
+    return cases
+
+
+def repack_cases(layers=12, d=512, ff=2048):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(d, d)] * 4 + [(ff, d), (d, ff)]
+    ts = [torch.randn(s, generator=g) for _ in range(layers) for s in shapes]
+    keep = lambda m: torch.randperm(m, generator=g)[: m // 2].sort().values  # noqa: E731
+    rows = [keep(t.shape[0]) for t in ts]
+    cols = [keep(t.shape[1]) for t in ts]
+
+    def loop():
+        return [t.index_select(0, r).index_select(1, c) for t, r, c in zip(ts, rows, cols)]
+
+    def ours(backend):
+        def f():
+            os.environ["TSPRUNE_KERNELS_BACKEND"] = backend
+            return K.repack(ts, rows, cols)
+        return f
+
+    cases = {"index_select_loop": loop, "tsprune_torch": ours("torch")}
+    if _backend.cpp_available():
+        cases["tsprune_cpp"] = ours("cpp")
+    mb = sum(t.numel() for t in ts) * 4 / 4 / 2**20  # bytes written (a quarter of each tensor)
+    return cases, mb
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--reps", type=int, default=7)
+    a = p.parse_args(argv)
+    out = {"masked_step": {}, "repack": {}}
+    for zf in (0.0, 0.5):
+        r = bench(masked_step_cases(a.tokens, 512, 2048, zf), reps=a.reps)
+        base = r["unmasked"]["median_ms"]
+        for k, v in r.items():
+            v["x_unmasked"] = v["median_ms"] / base
+            v["autograd_over_this"] = r["autograd_masks"]["median_ms"] / v["median_ms"]
+        out["masked_step"][f"zeros={zf}"] = r
+        print(f"masked step, T={a.tokens}, 512->2048 fp32, mask zeros {zf:.0%}:")
+        for k, v in r.items():
+            print(f"  {k:16s} {v['median_ms']:8.1f} ms  {v['x_unmasked']:.3f}x unmasked  "
+                  f"autograd masks / this = {v['autograd_over_this']:.2f}")
+    cases, mb = repack_cases()
+    r = bench(cases, reps=a.reps)
+    for k, v in r.items():
+        v["loop_over_this"] = r["index_select_loop"]["median_ms"] / v["median_ms"]
+        v["GBps_written"] = mb / 1024 / (v["median_ms"] / 1e3)
+    out["repack"] = r
+    print("repack, 72 tensors (12 layers of Chronos-Bolt-small shapes), half rows x half cols:")
+    for k, v in r.items():
+        print(f"  {k:18s} {v['median_ms']:8.2f} ms  loop / this = {v['loop_over_this']:.2f}")
+    os.environ.pop("TSPRUNE_KERNELS_BACKEND", None)
+    print("wrote", write("cpu_kernels", out))
+
+
+if __name__ == "__main__":
+    main()
