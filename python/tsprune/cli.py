@@ -59,7 +59,7 @@ def _task(a, model):
     lookback = a.lookback or _context_length(model)
     data = a.data or _default_data()
     _log(f"data: {data}, lookback {lookback}, horizon {a.horizon}")
-    return make_task(data, lookback, a.horizon, max_train_windows=a.max_train_windows,
+    return make_task(data, lookback, a.horizon, data_dir=a.data_dir, max_train_windows=a.max_train_windows,
                      max_eval_windows=a.max_eval_windows)
 
 
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, out_required=True):
         sp.add_argument("--model", default="default", help="default | tsprune save dir | checkpoint dir | hub name")
         sp.add_argument("--data", default=None, help="CSV path or name (ETTh1, ...; default: ETTh1 if found, else synthetic)")
+        sp.add_argument("--data-dir", default=None, help="folder of CSVs searched first (also $TSPRUNE_DATA_DIR)")
         sp.add_argument("--horizon", type=int, default=96)
         sp.add_argument("--lookback", type=int, default=None, help="default: the model's context length")
         sp.add_argument("--out", required=out_required)
