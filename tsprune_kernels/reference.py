@@ -32,8 +32,22 @@ def masked_linear(x, weight, bias=None, mask_in=None, mask_out=None, block_in=1,
     return apply_block_mask(y, mask_out, block_out)
 
 
+def fold_masks(weight, bias, mask_in, mask_out, block_in, block_out):
+    """(expand(mask_out)[:, None] * W * expand(mask_in)[None, :], bias * expand(mask_out)):
+    the unmasked Linear with these computes exactly what the masked one does."""
+    w = weight
+    if mask_in is not None:
+        w = apply_block_mask(w, mask_in, block_in)
+    if mask_out is not None:
+        w = apply_block_mask(w.t(), mask_out, block_out).t()
+        bias = apply_block_mask(bias, mask_out, block_out) if bias is not None else None
+    return w, bias
+
+
 def masked_linear_fwd(x2, weight, bias, mask_in, mask_out, block_in, block_out) -> Tensor:
-    return masked_linear(x2, weight, bias, mask_in, mask_out, block_in, block_out)
+    """The torch backend's forward: one GEMM with the masks folded into the weight."""
+    w, b = fold_masks(weight, bias, mask_in, mask_out, block_in, block_out)
+    return F.linear(x2, w, b)
 
 
 def _per_sample_block_sums(prod: Tensor, tokens_per_sample: int, block: int) -> Tensor:
@@ -42,39 +56,67 @@ def _per_sample_block_sums(prod: Tensor, tokens_per_sample: int, block: int) -> 
     return prod.view(t // tokens_per_sample, tokens_per_sample, c // block, block).sum((1, 3))
 
 
+_TINY = 1e-20  # below this a mask entry counts as zero: its gradient is recomputed, not divided out
+
+
+def _mask_grad_per_sample(known, other, mask, block, tps, acc_t, recompute_cols):
+    """Per-sample, per-unit mask gradients from what the fast path keeps.
+
+    known [T, C]: y (= y_pre * m_out) or dx (= dxm * m_in); other [T, C]: gy or x. For units with
+    a nonzero mask the gradient is sum(known * other) / m; for zero units ``recompute_cols(idx)``
+    returns the missing factor (y_pre or dxm) for those channels only."""
+    m = mask.to(acc_t)
+    per = _per_sample_block_sums(known.to(acc_t) * other.to(acc_t), tps, block)
+    zero = ~(m.abs() >= _TINY)  # also catches NaN
+    per = per / torch.where(zero, torch.ones_like(m), m)
+    if bool(zero.any()):
+        units = zero.nonzero().flatten()
+        cols = (units[:, None] * block + torch.arange(block, device=units.device)).flatten()
+        part = recompute_cols(cols).to(acc_t) * other[:, cols].to(acc_t)
+        per[:, units] = _per_sample_block_sums(part, tps, block)
+    return per
+
+
 def masked_linear_bwd(
     gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
     need_x, need_weight, need_bias, need_mask_in, need_mask_out,
     acc_in, acc_out, sq_in, sq_out,
 ):
-    """Backward of masked_linear on 2-D operands (see docs/KERNELS.md for the formulas).
+    """Backward of masked_linear on 2-D operands, the torch backend (see docs/KERNELS.md).
 
-    Returns (dx, dweight, dbias, dmask_in, dmask_out); entries not needed are None. Mask gradients
-    are fp32 (fp64 for fp64 inputs); accumulators are updated in place."""
+    One GEMM for dx with the folded weight; mask gradients recovered from the saved output y and
+    from dx, with a GEMM restricted to the channels of zero mask entries. Returns (dx, dweight,
+    dbias, dmask_in, dmask_out); entries not needed are None. Mask gradients are fp32 (fp64 for
+    fp64 inputs); accumulators are updated in place."""
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-    go = apply_block_mask(gy, mask_out, block_out)
     want_in = mask_in is not None and (need_mask_in or acc_in is not None or sq_in is not None)
     want_out = mask_out is not None and (need_mask_out or acc_out is not None or sq_out is not None)
     dx = dweight = dbias = dmask_in = dmask_out = None
+    tps = tokens_per_sample
     if need_x or want_in:
-        dxm = go @ weight
-        if need_x:
-            dx = apply_block_mask(dxm, mask_in, block_in)
-        if want_in:
-            per = _per_sample_block_sums(dxm.to(acc_t) * x.to(acc_t), tokens_per_sample, block_in)
-            dmask_in = per.sum(0)
-            _accumulate(acc_in, sq_in, dmask_in, per)
+        wf, _ = fold_masks(weight, None, mask_in, mask_out, block_in, block_out)
+        dx = gy @ wf
+    if want_in:
+        def dxm_cols(cols):  # (gy * expand(m_out)) @ W[:, cols]
+            return apply_block_mask(gy, mask_out, block_out) @ weight[:, cols]
+
+        per = _mask_grad_per_sample(dx, x, mask_in, block_in, tps, acc_t, dxm_cols)
+        dmask_in = per.sum(0)
+        _accumulate(acc_in, sq_in, dmask_in, per)
     if want_out:
-        y_pre = F.linear(apply_block_mask(x, mask_in, block_in), weight, bias)
-        per = _per_sample_block_sums(gy.to(acc_t) * y_pre.to(acc_t), tokens_per_sample, block_out)
+        def ypre_cols(cols):  # (x * expand(m_in)) @ W[cols].T + b[cols]
+            xm = apply_block_mask(x, mask_in, block_in)
+            return F.linear(xm, weight[cols], bias[cols] if bias is not None else None)
+
+        per = _mask_grad_per_sample(y, gy, mask_out, block_out, tps, acc_t, ypre_cols)
         dmask_out = per.sum(0)
         _accumulate(acc_out, sq_out, dmask_out, per)
     if need_weight:
-        dweight = go.t() @ apply_block_mask(x, mask_in, block_in)
+        dweight, _ = fold_masks(gy.t() @ x, None, mask_in, mask_out, block_in, block_out)
     if need_bias:
-        dbias = go.sum(0)
+        dbias = apply_block_mask(gy.sum(0), mask_out, block_out)
     return (
-        dx,
+        dx if need_x else None,
         dweight,
         dbias,
         dmask_in if need_mask_in else None,
