@@ -93,16 +93,19 @@ def masked_linear_bwd(
     want_out = mask_out is not None and (need_mask_out or acc_out is not None or sq_out is not None)
     dx = dweight = dbias = dmask_in = dmask_out = None
     tps = tokens_per_sample
-    if need_x or want_in:
-        wf, _ = fold_masks(weight, None, mask_in, mask_out, block_in, block_out)
-        dx = gy @ wf
     if want_in:
-        def dxm_cols(cols):  # (gy * expand(m_out)) @ W[:, cols]
-            return apply_block_mask(gy, mask_out, block_out) @ weight[:, cols]
-
-        per = _mask_grad_per_sample(dx, x, mask_in, block_in, tps, acc_t, dxm_cols)
+        # dxm with only m_out folded in: the input-side gradient is then exact at every entry
+        # (zeros included) without a second GEMM, and dx = dxm * m_in costs one pass over [T, K].
+        w_out, _ = fold_masks(weight, None, None, mask_out, block_in, block_out)
+        dxm = gy @ w_out
+        per = _per_sample_block_sums(dxm.to(acc_t) * x.to(acc_t), tps, block_in)
         dmask_in = per.sum(0)
         _accumulate(acc_in, sq_in, dmask_in, per)
+        if need_x:
+            dx = apply_block_mask(dxm, mask_in, block_in)
+    elif need_x:
+        wf, _ = fold_masks(weight, None, mask_in, mask_out, block_in, block_out)
+        dx = gy @ wf
     if want_out:
         def ypre_cols(cols):  # (x * expand(m_in)) @ W[cols].T + b[cols]
             xm = apply_block_mask(x, mask_in, block_in)
