@@ -54,6 +54,10 @@ class Pruner:
     residual:  also mask the residual-stream side of every Linear (q/k/v/up in, o/down out), as the
                paper does. Those zeros stay as zero weights after repack (no saving), so by default
                they are left out and the whole budget goes to units that are physically removed.
+    distributed: data-parallel calibration (tsprune.distributed): each macro-step all-reduces the
+               flat accumulators once before scoring and takes rank 0's masks after pruning. None
+               (default): on when a torch.distributed process group with > 1 rank is initialised.
+               Then ``step(n)`` takes the GLOBAL micro-batch size (all ranks together).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class Pruner:
         max_prune_ratio: float = 0.9,
         residual: bool = False,
         adapter: Adapter | None = None,
+        distributed: bool | None = None,
     ):
         if criterion not in CRITERIA:
             raise ValueError(f"Pruner: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
@@ -108,6 +113,9 @@ class Pruner:
                 if spec is not None:
                     specs.append((s.mask_name(side), spec.units, spec.block))
         self.arena = K.ScoreArena(specs, device=device)
+        from . import distributed as D
+
+        self.comm = D.ArenaSync() if (D.is_dist() if distributed is None else distributed) else None
         self._act_sq: dict[str, torch.Tensor] = {}
         self._seen = 0
         self.macro_steps = 0
@@ -158,7 +166,8 @@ class Pruner:
         return self.prune_ratio_per_epoch / steps
 
     def step(self, n_samples: int) -> StepInfo | None:
-        """Call after each backward with the micro-batch size; prunes at macro-batch boundaries."""
+        """Call after each backward with the micro-batch size (under torch.distributed: the global
+        one, all ranks together); prunes at macro-batch boundaries."""
         self._seen += int(n_samples)
         if self._seen < self.macro_batch_size:
             return None
@@ -178,8 +187,14 @@ class Pruner:
         capped = live - k < floor_live
         if capped:
             k = max(0, live - floor_live)
+        if self.comm is not None:  # one flat all-reduce of the macro-batch's sums, before scoring
+            self.comm.reduce_(self)
         score = self._static_score() if self.criterion in ("magnitude", "wanda") else None
         res = self.arena.step(self.criterion if score is None else "taylor", self.ema, k=k, score=score)
+        if self.comm is not None:  # every rank takes rank 0's masks: they can never diverge
+            self.comm.sync_state_(self.arena)
+            after = self.arena.n_live()
+            res = K.StepResult(pruned=live - after, live_before=live, live_after=after, k=res.k)
         if res.live_after < floor_live:  # zero-score units pushed it past the cap: nothing to undo,
             capped = True                # but stop here
         self.macro_steps += 1
