@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as D
 from .adapters.base import Adapter
 from .data import MetricAccumulator, WindowDataset
 from .pruner import Pruner
@@ -36,13 +37,25 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def batches(ds: WindowDataset, batch_size: int, shuffle: bool, seed: int = 0):
-    """(context [B, L], target [B, H]) float32 tensors over ``ds``."""
-    idx = np.arange(len(ds))
+def batch_indices(n: int, batch_size: int, shuffle: bool, seed: int = 0):
+    """The window indices of every micro-batch over ``n`` windows (the global order: data-parallel
+    ranks each take their shard of every one of these, see tsprune.distributed.shard)."""
+    idx = np.arange(n)
     if shuffle:
         np.random.default_rng(seed).shuffle(idx)
     for i in range(0, len(idx), batch_size):
-        yield ds.batch(idx[i : i + batch_size])
+        yield idx[i : i + batch_size]
+
+
+def batches(ds: WindowDataset, batch_size: int, shuffle: bool, seed: int = 0):
+    """(context [B, L], target [B, H]) float32 tensors over ``ds``."""
+    for idx in batch_indices(len(ds), batch_size, shuffle, seed):
+        yield ds.batch(idx)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def n_batches(ds: WindowDataset, batch_size: int) -> int:
@@ -63,9 +76,22 @@ def frozen(model: nn.Module):
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, adapter: Adapter, ds: WindowDataset, batch_size: int) -> float:
+def mean_loss(model: nn.Module, adapter: Adapter, ds: WindowDataset, batch_size: int,
+              distributed: bool = False) -> float:
+    """Mean loss over ``ds``. ``distributed`` (under torch.distributed): each rank takes a
+    contiguous share of the windows and (loss sum, count) are summed over ranks; every rank
+    returns the same value."""
     model.eval()
     tot, n = 0.0, 0
+    if distributed and D.is_dist():
+        dev = _device(model)
+        a, b = D.shard_bounds(len(ds))
+        for i in range(a, b, batch_size):
+            ctx, tgt = ds.batch(np.arange(i, min(i + batch_size, b)))
+            tot += float(adapter.loss(model, ctx.to(dev), tgt.to(dev))) * len(ctx)
+            n += len(ctx)
+        tot, n = D.sum_across_ranks(tot, n, what="reduce of the validation loss")
+        return tot / max(n, 1)
     for ctx, tgt in batches(ds, batch_size, shuffle=False):
         tot += float(adapter.loss(model, ctx, tgt)) * len(ctx)
         n += len(ctx)
@@ -111,30 +137,53 @@ def calibrate(
 
     The kept masks are those of the latest epoch whose validation loss is within ``val_tolerance``
     (relative) of the lowest seen; 0 is SPEC's rule (keep the best). A small tolerance trades a
-    little masked validation loss, before fine-tuning, for a smaller model."""
+    little masked validation loss, before fine-tuning, for a smaller model.
+
+    Data-parallel (the pruner was built under an initialised torch.distributed group): every rank
+    walks the same global micro-batches and takes its contiguous shard of each (tsprune.distributed),
+    its loss scaled by shard / micro-batch so the summed mask gradients equal one process's; the
+    pruner all-reduces once per macro-step; validation losses are summed over ranks. Progress and
+    ``log`` on rank 0 only."""
     if val_tolerance < 0:
         raise ValueError(f"calibrate: val_tolerance must be >= 0, got {val_tolerance}")
     adapter = pruner.adapter
     if pruner.samples_per_epoch is None:
         pruner.samples_per_epoch = len(train)
+    ddp = pruner.comm is not None
+    if ddp:
+        fp = D.model_fingerprint(model)
+        D.check_consistent({
+            "arena units": pruner.arena.n_units, "live units": pruner.arena.n_live(),
+            "train windows": len(train), "val windows": len(val), "batch_size": batch_size,
+            "macro_batch_size": pruner.macro_batch_size, "samples_per_epoch": pruner.samples_per_epoch,
+            "epochs": epochs, "seed": seed, "model checksum": float("nan") if fp is None else fp,
+        }, "calibration setup", pruner.comm.timeout_s)
+        progress = progress and D.is_main()
+        log = log if D.is_main() else None
+    dev = _device(model)
     seed_everything(seed)
     with frozen(model):
         pruner.attach()
-        best = (mean_loss(model, adapter, val, batch_size), pruner.state_dict())
+        best = (mean_loss(model, adapter, val, batch_size, distributed=ddp), pruner.state_dict())
         lowest = best[0]
         hist = [{"epoch": 0, "val_loss": best[0], "pruned": pruner.pruned_fraction()}]
         best_epoch, bad, seen = 0, 0, 0
         for ep in range(1, epochs + 1):
             model.train()
-            it = batches(train, batch_size, shuffle=True, seed=seed + ep)
-            for ctx, tgt in _progress(it, n_batches(train, batch_size), f"calibrate {ep}", progress):
-                loss = adapter.loss(model, ctx, tgt)
-                loss.backward()
-                pruner.step(len(ctx))
-                seen += len(ctx)
+            it = batch_indices(len(train), batch_size, shuffle=True, seed=seed + ep)
+            for idx in _progress(it, n_batches(train, batch_size), f"calibrate {ep}", progress):
+                mine = D.shard(idx) if ddp else idx  # this rank's share of the global micro-batch
+                if len(mine):
+                    ctx, tgt = train.batch(mine)
+                    loss = adapter.loss(model, ctx.to(dev), tgt.to(dev))
+                    if len(mine) != len(idx):  # the loss is a batch mean: make it a share of the global one
+                        loss = loss * (len(mine) / len(idx))
+                    loss.backward()
+                pruner.step(len(idx))
+                seen += len(idx)
                 if pruner.done:
                     break
-            v = mean_loss(model, adapter, val, batch_size)
+            v = mean_loss(model, adapter, val, batch_size, distributed=ddp)
             hist.append({"epoch": ep, "val_loss": v, "pruned": pruner.pruned_fraction(),
                          "macro_steps": pruner.macro_steps})
             if log:
