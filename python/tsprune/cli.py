@@ -4,6 +4,7 @@
     tsprune prune --model default --data ETTh1 --out runs/p     # calibrate + repack + save
     tsprune finetune --model runs/p/pruned_model --data ETTh1 --out runs/f
     tsprune evaluate --model runs/f/model --data ETTh1
+    torchrun --nproc_per_node=2 -m tsprune prune --data ETTh1 --out runs/p   # data-parallel calibration
 
 Stage of the flow: glue only. Reads a model (models.py) and a task (data.py), drives the Pruner and
 the loops (train.py), writes results (JSON + markdown table + sparsity heatmap) atomically.
@@ -23,7 +24,10 @@ import torch
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from . import distributed as D
+
+    if D.is_main():  # under torchrun: rank 0 only
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
@@ -92,22 +96,29 @@ def _metrics(model, adapter, ds, a) -> dict:
 
 def _prune(model, task, a, out: pathlib.Path):
     """Calibrate with masks, repack, check exactness; returns (pruned model, report dict)."""
+    from . import distributed as D
     from .plots import sparsity_heatmap
     from .pruner import Pruner
     from .train import calibrate, mean_loss
 
+    ddp = D.is_dist()  # under torchrun: data-parallel calibration, the model on this rank's device
+    if ddp:
+        model.to(D.comm_device())
     pruner = Pruner(model, **_pruner_kwargs(a, len(task.train)))
     t = time.time()
     cal = calibrate(model, pruner, task.train, task.val, epochs=a.calib_epochs, batch_size=a.batch_size,
                     patience=a.patience, val_tolerance=a.val_tolerance, seed=a.seed,
-                    progress=a.progress, log=_log)
+                    progress=a.progress and D.is_main(), log=_log)
     calib_s = time.time() - t
-    masked_val = mean_loss(model, pruner.adapter, task.val, a.batch_size)
+    masked_val = mean_loss(model, pruner.adapter, task.val, a.batch_size, distributed=ddp)
     small = pruner.repack()
     pruner.detach()
-    repacked_val = mean_loss(small, pruner.adapter, task.val, a.batch_size)
-    heat = sparsity_heatmap(pruner.sites, pruner.sparsity_by_site(), out / "sparsity.png",
-                            title=f"{task.name}: units pruned per layer / module")
+    repacked_val = mean_loss(small, pruner.adapter, task.val, a.batch_size, distributed=ddp)
+    if ddp:
+        small.cpu()  # fine-tuning, evaluation and saving run on the CPU, as in one process
+    heat = (sparsity_heatmap(pruner.sites, pruner.sparsity_by_site(), out / "sparsity.png",
+                             title=f"{task.name}: units pruned per layer / module")
+            if D.is_main() else out / "sparsity.png")  # files: rank 0 only
     report = {
         "pruned_units_fraction": pruner.pruned_fraction(),
         "best_epoch": cal.best_epoch,
@@ -120,6 +131,9 @@ def _prune(model, task, a, out: pathlib.Path):
         "heatmap": str(heat),
         "sparsity_by_mask": pruner.sparsity_by_site(),
     }
+    if ddp:
+        report["distributed"] = {"world_size": D.world_size(), "backend": str(torch.distributed.get_backend()),
+                                 **pruner.comm.stats}
     _log(f"pruned {report['pruned_units_fraction']:.1%} of units; val loss masked {masked_val:.5f} "
          f"vs repacked {repacked_val:.5f}")
     return small, report
@@ -134,18 +148,26 @@ def _finetune(model, adapter, task, a):
 
 
 def cmd_run(a) -> dict:
+    from . import distributed as D
     from .adapters import get_adapter
     from .models import load_model
     from .plan import save_pruned
     from .plots import results_table
 
     out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = load_model(a.model)
     adapter = get_adapter(base)
     task = _task(a, base)
     _log(task.summary() if hasattr(task, "summary") else str(task))
+    if D.is_dist():  # data-parallel calibration on every rank first; the rest runs on rank 0 alone
+        pr = copy.deepcopy(base)
+        small, rep = _prune(pr, task, a, out)
+        del pr
+        if not D.is_main():
+            return {}
     results: dict = {"config": {**{k: v for k, v in vars(a).items() if k != "func"}, "data": task.name}}
 
     results["zero_shot"] = _metrics(base, adapter, task.test, a)
@@ -157,9 +179,10 @@ def cmd_run(a) -> dict:
     _log(f"finetune: mse {results['finetune']['mse']:.4f}")
     del ft
 
-    pr = copy.deepcopy(base)
-    small, rep = _prune(pr, task, a, out)
-    del pr
+    if not D.is_dist():
+        pr = copy.deepcopy(base)
+        small, rep = _prune(pr, task, a, out)
+        del pr
     ft_hist = _finetune(small, adapter, task, a)
     results["prune_finetune"] = {**_metrics(small, adapter, task.test, a), "prune": rep, "train": ft_hist}
     save_pruned(small, out / "pruned_model", extra={"data": task.name, "horizon": a.horizon})
@@ -173,19 +196,23 @@ def cmd_run(a) -> dict:
 
 
 def cmd_prune(a) -> dict:
+    from . import distributed as D
     from .models import load_model, n_params
     from .plan import save_pruned
 
     out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     model = load_model(a.model)
     task = _task(a, model)
     before = n_params(model)
     small, rep = _prune(model, task, a, out)
     rep.update(params_before=before, params_after=n_params(small))
-    save_pruned(small, out / "pruned_model", extra={"data": task.name})
-    _write_json(out / "prune.json", rep)
-    print(f"params {before:,} -> {rep['params_after']:,}; saved {out / 'pruned_model'}")
+    if D.is_main():  # under torchrun every rank holds the same pruned model; rank 0 writes it
+        save_pruned(small, out / "pruned_model", extra={"data": task.name})
+        _write_json(out / "prune.json", rep)
+        print(f"params {before:,} -> {rep['params_after']:,}; saved {out / 'pruned_model'}")
+    D.barrier("final barrier (rank 0 writing the results)")  # a failed write fails every rank
     return rep
 
 
@@ -237,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--threads", type=int, default=None)
         sp.add_argument("--no-progress", dest="progress", action="store_false")
+        sp.add_argument("--dist-timeout", type=float, default=None,
+                        help="under torchrun: seconds any collective may wait before the run fails "
+                             "(default $TSPRUNE_DIST_TIMEOUT or 600)")
 
     def prune_args(sp):
         sp.add_argument("--criterion", default="taylor", choices=["taylor", "taylor2", "fisher", "magnitude", "wanda"])
@@ -270,14 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from . import distributed as D
+
     a = build_parser().parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    own_group = False
     try:
+        # torchrun --nproc_per_node=N -m tsprune ...: one process group (gloo on CPU, nccl on GPUs)
+        own_group = D.init_from_env(timeout_s=a.dist_timeout)
         a.func(a)
     except (FileNotFoundError, ValueError, RuntimeError, TypeError) as e:
-        print(f"tsprune {a.cmd}: error: {e}", file=sys.stderr)
+        where = f" (rank {D.rank()}/{D.world_size()})" if D.is_dist() or D.launched() else ""
+        print(f"tsprune {a.cmd}: error{where}: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        if own_group:
+            D.shutdown()
     return 0
 
 
