@@ -55,6 +55,7 @@ __all__ = [
     "barrier",
     "check_consistent",
     "model_fingerprint",
+    "is_sharded",
     "ArenaSync",
 ]
 
@@ -278,20 +279,27 @@ def barrier(what: str = "barrier", timeout_s: float | None = None) -> None:
         all_reduce_(torch.zeros(1, device=comm_device()), what, t)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model wrapped in FSDP (``fully_shard`` / FullyShardedDataParallel) or holding
+    DTensor parameters: its forward and backward run collectives, so every rank must run the same
+    number of passes (calibrate and mean_loss then give an empty shard a zero-weight pass)."""
+    for m in model.modules():
+        n = type(m).__name__
+        if n == "FullyShardedDataParallel" or n.startswith("FSDP"):
+            return True
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def model_fingerprint(model: nn.Module) -> float | None:
     """A float64 checksum of every parameter and buffer (ranks must hold the same model), or None
-    for sharded models (FSDP / DTensor parameters: each rank holds a different shard)."""
-    for m in model.modules():
-        if "FullyShardedDataParallel" in type(m).__name__ or type(m).__name__.startswith("FSDP"):
-            return None
+    for sharded models (each rank holds a different shard)."""
+    if is_sharded(model):
+        return None
     tot = 0.0
     with torch.no_grad():
         for i, t in enumerate(list(model.parameters()) + list(model.buffers())):
-            if type(t).__name__ == "DTensor" or not t.is_floating_point():
-                if type(t).__name__ == "DTensor":
-                    return None
-                continue
-            tot += float(t.detach().double().sum()) * (1.0 + 1e-3 * (i % 7))
+            if t.is_floating_point():
+                tot += float(t.detach().double().sum()) * (1.0 + 1e-3 * (i % 7))
     return tot
 
 

@@ -86,10 +86,17 @@ def mean_loss(model: nn.Module, adapter: Adapter, ds: WindowDataset, batch_size:
     if distributed and D.is_dist():
         dev = _device(model)
         a, b = D.shard_bounds(len(ds))
-        for i in range(a, b, batch_size):
-            ctx, tgt = ds.batch(np.arange(i, min(i + batch_size, b)))
-            tot += float(adapter.loss(model, ctx.to(dev), tgt.to(dev))) * len(ctx)
-            n += len(ctx)
+        passes = -(-(b - a) // batch_size)
+        if D.is_sharded(model):  # FSDP: as many forwards as the largest shard on every rank
+            passes = -(-(-(-len(ds) // D.world_size())) // batch_size)
+        for i in range(a, a + passes * batch_size, batch_size):
+            if i < b:
+                ctx, tgt = ds.batch(np.arange(i, min(i + batch_size, b)))
+                tot += float(adapter.loss(model, ctx.to(dev), tgt.to(dev))) * len(ctx)
+                n += len(ctx)
+            else:  # nothing left here: a pass that counts for nothing keeps FSDP's collectives paired
+                ctx, tgt = ds.batch(np.arange(1))
+                adapter.loss(model, ctx.to(dev), tgt.to(dev))
         tot, n = D.sum_across_ranks(tot, n, what="reduce of the validation loss")
         return tot / max(n, 1)
     for ctx, tgt in batches(ds, batch_size, shuffle=False):
@@ -150,6 +157,7 @@ def calibrate(
     if pruner.samples_per_epoch is None:
         pruner.samples_per_epoch = len(train)
     ddp = pruner.comm is not None
+    sharded = False
     if ddp:
         fp = D.model_fingerprint(model)
         D.check_consistent({
@@ -160,6 +168,11 @@ def calibrate(
         }, "calibration setup", pruner.comm.timeout_s)
         progress = progress and D.is_main()
         log = log if D.is_main() else None
+        sharded = D.is_sharded(model)
+        if sharded and pruner.criterion in ("magnitude", "wanda"):
+            raise ValueError(f"calibrate: criterion {pruner.criterion!r} reads whole weights outside the "
+                             "forward and is not supported on a sharded (FSDP) model yet; use taylor, "
+                             "taylor2 or fisher")
     dev = _device(model)
     seed_everything(seed)
     with frozen(model):
@@ -179,6 +192,9 @@ def calibrate(
                     if len(mine) != len(idx):  # the loss is a batch mean: make it a share of the global one
                         loss = loss * (len(mine) / len(idx))
                     loss.backward()
+                elif sharded:  # empty shard under FSDP: a zero-weight pass keeps the collectives paired
+                    ctx, tgt = train.batch(idx[:1])
+                    (adapter.loss(model, ctx.to(dev), tgt.to(dev)) * 0.0).backward()
                 pruner.step(len(idx))
                 seen += len(idx)
                 if pruner.done:
