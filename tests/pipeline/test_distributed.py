@@ -73,6 +73,7 @@ def run_worker(cfg: dict) -> dict:
     model's forecast on a fixed batch, the first macro-step's (reduced) accumulators, comm stats."""
     import tsprune
     from tsprune import distributed as D
+    from tsprune.plan import repack_model
     from tsprune.synthetic import synthetic_task
     from tsprune.train import calibrate
 
@@ -87,6 +88,14 @@ def run_worker(cfg: dict) -> dict:
                                 macro_batch_size=cfg["macro_batch"], max_prune_ratio=0.8, block=2)
         if pruner.comm is not None and "timeout" in cfg:
             pruner.comm.timeout_s = cfg["timeout"]
+        if cfg.get("fsdp") and D.is_dist():  # FSDP2: every block and the root sharded over the ranks
+            from torch.distributed.fsdp import fully_shard
+
+            pruner.attach()
+            for blk in [*model.encoder.block, *model.decoder.block]:
+                fully_shard(blk)
+            fully_shard(model)
+            assert D.is_sharded(model)
         first, gaps = {}, []
         partner = _partners(pruner.arena)
         step0 = pruner.arena.step
@@ -124,11 +133,14 @@ def run_worker(cfg: dict) -> dict:
         res = calibrate(model, pruner, task.train, task.val, epochs=cfg["epochs"], batch_size=cfg["batch"],
                         val_tolerance=1.0, seed=5)
         pruner.adapter.loss = loss0
-        small = pruner.repack()
+        masks = {n: v.clone() for n, v in pruner.masks.items()}
+        if D.is_sharded(model):  # frozen weights: repack the unsharded original with the masks
+            small, plan = repack_model(tiny(seed=cfg.get("model_seed", 0)), pruner.adapter, pruner.sites, masks)
+        else:
+            small = pruner.repack()
+            plan = pruner.adapter.plan(model, masks)
         with torch.no_grad():
             pred = small(context=probe_ctx).quantile_preds
-        masks = {n: v.clone() for n, v in pruner.masks.items()}
-        plan = pruner.adapter.plan(model, masks)
         out[crit] = {
             "masks": masks,
             "keep": {k: {kk: list(map(int, vv)) if vv is not None else None for kk, vv in v.items()}
@@ -292,6 +304,34 @@ def test_one_flat_collective_per_macro_step(one_and_two):
             assert st["reduce_bytes"] == steps * n_units * 4
         elif crit == "taylor2":
             assert st["reduce_bytes"] == steps * 2 * n_units * 4
+
+
+def test_fsdp2_sharded_model_prunes_what_one_process_prunes(tmp_path):
+    """fully_shard (FSDP2) on gloo: 91 windows in micro-batches of 9 end with a 1-window batch (rank 1's
+    shard is empty: a zero-weight pass keeps FSDP's all-gathers paired); 19 validation windows give
+    the ranks 1 and 2 batches. Masks, plan and repacked model equal the one-process run's."""
+    cfg = {**BASE, "criteria": ["taylor2"], "train_windows": 91, "eval_windows": 19, "fsdp": True}
+    procs = _launch(cfg, tmp_path)
+    try:
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            ref = run_worker({**cfg, "fsdp": False})["taylor2"]
+        finally:
+            torch.set_num_threads(n)
+        outs = _finish(procs)
+    finally:
+        _kill(procs)
+    for rc, _, e in outs:
+        assert rc == 0, e[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["taylor2"] for r in range(2))
+    assert sum(p for _, p, _ in ref["history"]) > 0
+    assert ref["keep"] == r0["keep"] == r1["keep"]
+    for name, m in ref["masks"].items():
+        assert torch.equal(m, r0["masks"][name]) and torch.equal(m, r1["masks"][name]), name
+    assert ref["history"] == r0["history"] and ref["best_epoch"] == r0["best_epoch"]
+    np.testing.assert_allclose(r0["val"], ref["val"], rtol=1e-5)
+    torch.testing.assert_close(r0["pred"], ref["pred"], rtol=1e-5, atol=1e-5 * float(ref["pred"].abs().max()))
 
 
 @pytest.mark.parametrize("mode", ["die", "hang"])
