@@ -3,7 +3,9 @@
 ``backend`` parametrises a test over the implementations of the CPU ops: ``torch`` (the reference,
 always there) and ``cpp`` (the compiled extension). Without the extension the cpp cases skip with
 the reason, unless TSPRUNE_REQUIRE_CPP=1 (CI sets it), where they fail: a missing build must not
-pass silently.
+pass silently. On a machine with a CUDA GPU a third case, ``triton``, runs the same tests on CUDA
+tensors with TSPRUNE_KERNELS_BACKEND=triton: it makes cuda the default device (tensors the tests
+create land there, ``gen`` is a CUDA generator, ScoreArena defaults to cuda) for that case only.
 """
 import os
 
@@ -12,7 +14,7 @@ import torch
 
 from tsprune_kernels import _backend
 
-BACKENDS = ["torch", "cpp"]
+BACKENDS = ["torch", "cpp"] + (["triton"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -23,13 +25,24 @@ def backend(request, monkeypatch):
             pytest.fail(f"TSPRUNE_REQUIRE_CPP=1 but the C++ extension did not load: {_backend._C_ERROR}")
         pytest.skip(f"C++ extension not built: {_backend._C_ERROR}")
     monkeypatch.setenv("TSPRUNE_KERNELS_BACKEND", name)
+    if name == "triton":
+        if _backend.triton_impl() is None:
+            pytest.fail(f"CUDA is available but the Triton kernels did not import: {_backend._TRITON_ERROR}")
+        from tsprune_kernels.arena import ScoreArena
+
+        previous = torch.get_default_device()
+        torch.set_default_device("cuda")
+        request.addfinalizer(lambda: torch.set_default_device(previous))
+        monkeypatch.setattr(ScoreArena.__init__, "__defaults__", ("cuda",))
     return name
 
 
 @pytest.fixture
-def gen():
+def gen(request):
     """A fresh, randomly seeded generator per test (inputs differ from run to run; the seed is
-    printed on failure so a failing case can be replayed)."""
+    printed on failure so a failing case can be replayed). On the default device."""
+    if "backend" in request.fixturenames:
+        request.getfixturevalue("backend")  # the default device is set first
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
