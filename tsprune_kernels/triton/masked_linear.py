@@ -30,6 +30,7 @@ fp64 inputs take the torch reference path (fp64 GEMMs are not what Triton is for
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -130,7 +131,9 @@ def _fwd_kernel(
         a = tl.load(x_rows + kk[None, :] * sxk, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_MIN:  # prologue: the input mask on the loaded x tile
             mi = tl.load(mi_ptr + (kk // bi) * smi, mask=k_ok, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * mi[None, :]).to(x_ptr.dtype.element_ty)
+            a = a.to(tl.float32) * mi[None, :]
+            if not UPCAST:  # (the interpreter's bf16 rounding truncates: stay fp32 there)
+                a = a.to(x_ptr.dtype.element_ty)
         w = tl.load(w_cols + kk[:, None] * swk, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -197,7 +200,9 @@ def _dx_kernel(
         g = tl.load(g_rows + nn[None, :] * sgn, mask=tn_ok, other=0.0)
         if HAS_MOUT:  # prologue: the output mask on the loaded gy tile (go = dL/dy_pre)
             mo = tl.load(mo_ptr + (nn // bo) * smo, mask=n_ok, other=0.0).to(tl.float32)
-            go = (g.to(tl.float32) * mo[None, :]).to(gy_ptr.dtype.element_ty)
+            go = g.to(tl.float32) * mo[None, :]
+            if not UPCAST:
+                go = go.to(gy_ptr.dtype.element_ty)
         else:
             go = g
         w = tl.load(w_cols + nn.to(tl.int64)[:, None] * swn, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
@@ -229,29 +234,30 @@ def _dx_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# backward: output-side reduction alone (no dx and no input-side work)
+# backward: a streaming sum_t g * v / m per unit (output side without dx work: g = gy, v = y,
+# m = mask_out; fold path input side: g = dx, v = x, m = mask_in)
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _out_kernel(
-    gy_ptr, y_ptr, mo_ptr, tot_out, sq_out, part_out,
-    T, N, bo, tps, Uo, th, sgt, sgn, syt, syn, smo,
-    SQ_OUT: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def _ratio_kernel(
+    g_ptr, v_ptr, m_ptr, tot, sqt, part,
+    T, C, blk, tps, U, th, sgt, sgc, svt, svc, sm,
+    SQ: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BT
     rt = row0 + tl.arange(0, BT)
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     t_ok = rt < T
-    c_ok = rc < N
+    c_ok = rc < C
     m2 = t_ok[:, None] & c_ok[None, :]
     rt64 = rt.to(tl.int64)
-    g = tl.load(gy_ptr + rt64[:, None] * sgt + rc[None, :] * sgn, mask=m2, other=0.0).to(tl.float32)
-    yv = tl.load(y_ptr + rt64[:, None] * syt + rc[None, :] * syn, mask=m2, other=0.0).to(tl.float32)
-    mo = tl.load(mo_ptr + (rc // bo) * smo, mask=c_ok, other=0.0).to(tl.float32)
-    ok = _mask_ok(mo, th)
-    inv = tl.where(ok, 1.0 / tl.where(ok, mo, 1.0), 0.0)
-    prod = tl.where(ok[None, :], g * yv * inv[None, :], 0.0)
-    _unit_reduce(prod, rt, rc // bo, c_ok, row0, T, tps, Uo, tot_out, sq_out, part_out, SQ_OUT, BT)
+    g = tl.load(g_ptr + rt64[:, None] * sgt + rc[None, :] * sgc, mask=m2, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + rt64[:, None] * svt + rc[None, :] * svc, mask=m2, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + (rc // blk) * sm, mask=c_ok, other=0.0).to(tl.float32)
+    ok = _mask_ok(m, th)
+    inv = tl.where(ok, 1.0 / tl.where(ok, m, 1.0), 0.0)
+    prod = tl.where(ok[None, :], g * v * inv[None, :], 0.0)
+    _unit_reduce(prod, rt, rc // blk, c_ok, row0, T, tps, U, tot, sqt, part, SQ, BT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,22 +279,29 @@ def _compact_kernel(mo_ptr, smo, U, th, zunits_ptr, nz_ptr, BLOCK: tl.constexpr)
     tl.store(nz_ptr, base)
 
 
-# Fixed tiles, no autotuning: the kernel adds into buffers the dx kernel has already written, so
-# it must run exactly once (and its cost is only |Z| / N of a GEMM).
+# Fixed tiles, no autotuning: the kernel adds into buffers other kernels have already written, so
+# it must run exactly once (and its cost is only |Z| / width of one GEMM).
 def _zero_tiles() -> dict:
     return dict(BT=32, BC=32, BR=32) if interpreting() else dict(BT=64, BC=64, BR=32, num_warps=4, num_stages=3)
 
 
 @triton.jit
 def _zero_kernel(
-    x_ptr, w_ptr, b_ptr, mi_ptr, gy_ptr, zunits_ptr, nz_ptr, tot_out, sq_out, part_out,
-    T, N, K, bi, bo, tps, Uo,
-    sxt, sxk, swn, swk, sgt, sgn, smi,
-    HAS_BIAS: tl.constexpr, HAS_MIN: tl.constexpr, SQ_OUT: tl.constexpr,
+    a_ptr, am_ptr, w_ptr, b_ptr, m_ptr, zunits_ptr, nz_ptr, tot, sqt, part,
+    T, R, ab, blk, tps, U,
+    sat, sar, sam, swr, swc, smt, smc,
+    HAS_AMASK: tl.constexpr, HAS_BIAS: tl.constexpr, SQ: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
 ):
-    nzc = tl.load(nz_ptr) * bo  # zero-mask output channels
+    """Exact gradients of the zero-mask units zunits[:nz] (channels col of ``blk`` per unit):
+
+        v[t, col] = sum_r (a[t, r] * am[r // ab]) * w[r, col] (+ b[col]);   prod = m[t, col] * v
+
+    output side: a = x (R = K), am = mask_in, w[r, col] = W[col, r], b = bias, m = gy (v = y_pre)
+    input side:  a = gy (R = N), am = mask_out, w[r, col] = W[r, col], m = x       (v = dxm)
+    """
+    nzc = tl.load(nz_ptr) * blk
     j0 = tl.program_id(1) * BC
     if j0 < nzc:
         row0 = tl.program_id(0) * BT
@@ -296,21 +309,23 @@ def _zero_kernel(
         t_ok = rt < T
         j = j0 + tl.arange(0, BC)
         j_ok = j < nzc
-        unit = tl.load(zunits_ptr + j // bo, mask=j_ok, other=0)
-        col = unit * bo + j % bo
+        unit = tl.load(zunits_ptr + j // blk, mask=j_ok, other=0)
+        col = unit * blk + j % blk
         rr = tl.arange(0, BR)
         rt64 = rt.to(tl.int64)
-        x_rows = x_ptr + rt64[:, None] * sxt
-        w_cols = w_ptr + col.to(tl.int64)[None, :] * swn
+        a_rows = a_ptr + rt64[:, None] * sat
+        w_cols = w_ptr + col.to(tl.int64)[None, :] * swc
         acc = tl.zeros((BT, BC), dtype=tl.float32)
-        for k0 in range(0, K, BR):
-            kk = k0 + rr
-            k_ok = kk < K
-            a = tl.load(x_rows + kk[None, :] * sxk, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            if HAS_MIN:
-                mi = tl.load(mi_ptr + (kk // bi) * smi, mask=k_ok, other=0.0).to(tl.float32)
-                a = (a.to(tl.float32) * mi[None, :]).to(x_ptr.dtype.element_ty)
-            w = tl.load(w_cols + kk[:, None] * swk, mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+        for r0 in range(0, R, BR):
+            kk = r0 + rr
+            k_ok = kk < R
+            a = tl.load(a_rows + kk[None, :] * sar, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_AMASK:
+                am = tl.load(am_ptr + (kk // ab) * sam, mask=k_ok, other=0.0).to(tl.float32)
+                a = a.to(tl.float32) * am[None, :]
+                if not UPCAST:
+                    a = a.to(a_ptr.dtype.element_ty)
+            w = tl.load(w_cols + kk.to(tl.int64)[:, None] * swr, mask=k_ok[:, None] & j_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
@@ -318,9 +333,30 @@ def _zero_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + col, mask=j_ok, other=0.0).to(tl.float32)[None, :]
         m2 = t_ok[:, None] & j_ok[None, :]
-        g = tl.load(gy_ptr + rt64[:, None] * sgt + col[None, :] * sgn, mask=m2, other=0.0).to(tl.float32)
+        g = tl.load(m_ptr + rt64[:, None] * smt + col[None, :] * smc, mask=m2, other=0.0).to(tl.float32)
         prod = tl.where(m2, g * acc, 0.0)
-        _unit_reduce(prod, rt, unit, j_ok, row0, T, tps, Uo, tot_out, sq_out, part_out, SQ_OUT, BT)
+        _unit_reduce(prod, rt, unit, j_ok, row0, T, tps, U, tot, sqt, part, SQ, BT)
+
+
+# ---------------------------------------------------------------------------------------------
+# fold path (fp32 without TF32): masks folded into a weight copy, cuBLAS GEMMs
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fold_kernel(w_ptr, mi_ptr, mo_ptr, out_ptr, N, K, bi, bo, swn, swk, smi, smo,
+                 HAS_MIN: tl.constexpr, HAS_MOUT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out = expand(mask_out)[:, None] * W * expand(mask_in)[None, :] (contiguous, W's dtype)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    n_ok = rn < N
+    k_ok = rk < K
+    m2 = n_ok[:, None] & k_ok[None, :]
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * swn + rk[None, :] * swk, mask=m2, other=0.0).to(tl.float32)
+    if HAS_MOUT:
+        w = w * tl.load(mo_ptr + (rn // bo) * smo, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_MIN:
+        w = w * tl.load(mi_ptr + (rk // bi) * smi, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,11 +405,51 @@ def _stride(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.stride(0)
 
 
+PATHS = ("auto", "fused", "fold")
+
+
+def path(dtype: torch.dtype) -> str:
+    """``fused`` (masks inside Triton GEMMs) or ``fold`` (masks folded into a weight copy, cuBLAS
+    GEMMs, streaming Triton reductions). ``TSPRUNE_TRITON_MASKED_LINEAR`` = auto | fused | fold;
+    auto picks fold for fp32 without TF32, where Triton's tl.dot runs on FMA units and cuBLAS
+    SGEMM is the faster GEMM, and fused everywhere else (tensor-core dtypes)."""
+    want = os.environ.get("TSPRUNE_TRITON_MASKED_LINEAR", "auto").strip().lower() or "auto"
+    if want not in PATHS:
+        raise ValueError(f"TSPRUNE_TRITON_MASKED_LINEAR={want!r} is not one of {', '.join(PATHS)}")
+    if want != "auto":
+        return want
+    return "fold" if dtype == torch.float32 and dot_precision(dtype) == "ieee" and not interpreting() else "fused"
+
+
+def _fold(weight: Tensor, mask_in, mask_out, block_in: int, block_out: int) -> Tensor:
+    """expand(mask_out)[:, None] * W * expand(mask_in)[None, :]: one weight-sized pass."""
+    if mask_in is None and mask_out is None:
+        return weight
+    N, K = weight.shape
+    out = torch.empty((N, K), dtype=weight.dtype, device=weight.device)
+    BN, BK = 32, 128
+    _fold_kernel[(triton.cdiv(N, BN), triton.cdiv(K, BK))](
+        weight, weight if mask_in is None else mask_in, weight if mask_out is None else mask_out, out,
+        N, K, block_in, block_out, weight.stride(0), weight.stride(1), _stride(mask_in), _stride(mask_out),
+        HAS_MIN=mask_in is not None, HAS_MOUT=mask_out is not None, BN=BN, BK=BK)
+    return out
+
+
+def _expand(m: Tensor, block: int) -> Tensor:
+    return m.float().repeat_interleave(block) if block > 1 else m.float()
+
+
 def masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out) -> Tensor:
     if _degenerate(x, weight):
         return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
     T, K = x.shape
     N = weight.shape[0]
+    if path(x.dtype) == "fold":
+        wf = _fold(weight, mask_in, mask_out, block_in, block_out)
+        if bias is None:
+            return x @ wf.t()
+        bf = bias if mask_out is None else (bias.float() * _expand(mask_out, block_out)).to(bias.dtype)
+        return torch.addmm(bf, x, wf.t())
     y = torch.empty((T, N), dtype=x.dtype, device=x.device)
     dummy = y
     grid = lambda meta: (triton.cdiv(T, meta["BT"]) * triton.cdiv(N, meta["BC"]),)  # noqa: E731
@@ -410,6 +486,40 @@ def _sq_mode(want: bool, sq: Optional[Tensor], tps: int, block: int) -> int:
     return 1 if tps == 1 and block == 1 else 2
 
 
+class _Side:
+    """Scratch views and launch helpers of one side (input or output units)."""
+
+    def __init__(self, tot, sqt, part, mode, U, block, mask):
+        self.tot, self.sqt, self.part, self.mode, self.U, self.block, self.mask = tot, sqt, part, mode, U, block, mask
+
+
+def _ratio(side: _Side, g: Tensor, v: Tensor, T: int, tps: int, th: float) -> None:
+    """side += sum_t g * v / m over the units with a usable mask value."""
+    C = g.shape[1]
+    BT, BC = 64, 64
+    _ratio_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC))](
+        g, v, side.mask, side.tot, side.sqt, side.part, T, C, side.block, tps, side.U, th,
+        g.stride(0), g.stride(1), v.stride(0), v.stride(1), side.mask.stride(0),
+        SQ=side.mode, BT=BT, BC=BC)
+
+
+def _zeros(side: _Side, a, amask, ablock, w_rows_cols, bias, m, T, R, C, tps, th, prec, upcast, dummy) -> None:
+    """side += the exact contributions of the units whose mask is zero / tiny / not finite."""
+    dev = m.device
+    zunits = torch.empty(side.U, dtype=torch.int32, device=dev)
+    nz = torch.empty(1, dtype=torch.int32, device=dev)
+    _compact_kernel[(1,)](side.mask, side.mask.stride(0), side.U, th, zunits, nz, BLOCK=1024)
+    w, swr, swc = w_rows_cols
+    tiles = _zero_tiles()
+    _zero_kernel[(triton.cdiv(T, tiles["BT"]), triton.cdiv(C, tiles["BC"]))](
+        a, dummy if amask is None else amask, w, dummy if bias is None else bias, m, zunits, nz,
+        side.tot, side.sqt, side.part, T, R, ablock, side.block, tps, side.U,
+        a.stride(0), a.stride(1), _stride(amask), swr, swc, m.stride(0), m.stride(1),
+        HAS_AMASK=amask is not None, HAS_BIAS=bias is not None, SQ=side.mode,
+        PREC=prec, UPCAST=upcast, **tiles,
+    )
+
+
 def masked_linear_bwd(
     gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
     need_x, need_weight, need_bias, need_mask_in, need_mask_out,
@@ -443,61 +553,59 @@ def masked_linear_bwd(
     for n in sizes:
         views.append(scratch[off:off + n] if n else scratch)
         off += n
-    tot_i, sqt_i, part_i, tot_o, sqt_o, part_o = views
+    side_in = _Side(*views[:3], sq_in_mode, max(Ui, 1), block_in, mask_in)
+    side_out = _Side(*views[3:], sq_out_mode, max(Uo, 1), block_out, mask_out)
 
     dummy = scratch
     prec, upcast = dot_precision(x.dtype), upcast_dot(x.dtype)
     th = zero_threshold(x.dtype)
-    mi_arg = dummy if mask_in is None else mask_in
-    mo_arg = dummy if mask_out is None else mask_out
+    dx = None
+    if path(x.dtype) == "fold":
+        if need_x or want_in:
+            dx = gy @ _fold(weight, mask_in, mask_out, block_in, block_out)  # = dxm * m_in
+        if want_in:
+            _ratio(side_in, dx, x, T, tps, th)
+        if want_out:
+            _ratio(side_out, gy, y, T, tps, th)
+        if not need_x:
+            dx = None
+    else:
+        if need_x:
+            dx = torch.empty((T, K), dtype=x.dtype, device=dev)
+        if need_x or want_in:
+            dx_arg = dx if dx is not None else dummy
+            grid = lambda meta: (triton.cdiv(T, meta["BT"]) * triton.cdiv(K, meta["BC"]),)  # noqa: E731
+            _dx_kernel[grid](
+                gy, weight, x, y, dummy if mask_in is None else mask_in,
+                dummy if mask_out is None else mask_out, dx_arg,
+                *views, T, N, K, block_in, block_out, tps, side_in.U, side_out.U, th,
+                gy.stride(0), gy.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
+                y.stride(0), y.stride(1), dx_arg.stride(0) if dx is not None else 0,
+                dx_arg.stride(1) if dx is not None else 0, _stride(mask_in), _stride(mask_out),
+                NEED_DX=need_x, DO_IN=want_in, DO_OUT=want_out, SQ_IN=sq_in_mode, SQ_OUT=sq_out_mode,
+                HAS_MIN=mask_in is not None, HAS_MOUT=mask_out is not None, PREC=prec, UPCAST=upcast,
+            )
+        elif want_out:
+            _ratio(side_out, gy, y, T, tps, th)
+    if want_out:  # y_pre[:, Z] = (x * m_in) @ W[Z].T + b[Z]
+        _zeros(side_out, x, mask_in, block_in, (weight, weight.stride(1), weight.stride(0)), bias, gy,
+               T, K, N, tps, th, prec, upcast, dummy)
+    if want_in and path(x.dtype) == "fold":  # dxm[:, Z] = (gy * m_out) @ W[:, Z]
+        _zeros(side_in, gy, mask_out, block_out, (weight, weight.stride(0), weight.stride(1)), None, x,
+               T, N, K, tps, th, prec, upcast, dummy)
 
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    if need_x or want_in:
-        dx_arg = dx if dx is not None else dummy
-        grid = lambda meta: (triton.cdiv(T, meta["BT"]) * triton.cdiv(K, meta["BC"]),)  # noqa: E731
-        _dx_kernel[grid](
-            gy, weight, x, y, mi_arg, mo_arg, dx_arg,
-            tot_i, sqt_i, part_i, tot_o, sqt_o, part_o,
-            T, N, K, block_in, block_out, tps, max(Ui, 1), max(Uo, 1), th,
-            gy.stride(0), gy.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
-            y.stride(0), y.stride(1), dx_arg.stride(0) if dx is not None else 0,
-            dx_arg.stride(1) if dx is not None else 0, _stride(mask_in), _stride(mask_out),
-            NEED_DX=need_x, DO_IN=want_in, DO_OUT=want_out, SQ_IN=sq_in_mode, SQ_OUT=sq_out_mode,
-            HAS_MIN=mask_in is not None, HAS_MOUT=mask_out is not None, PREC=prec, UPCAST=upcast,
-        )
-    elif want_out:
-        BT, BC = 64, 64
-        _out_kernel[(triton.cdiv(T, BT), triton.cdiv(N, BC))](
-            gy, y, mask_out, tot_o, sqt_o, part_o, T, N, block_out, tps, Uo, th,
-            gy.stride(0), gy.stride(1), y.stride(0), y.stride(1), mask_out.stride(0),
-            SQ_OUT=sq_out_mode, BT=BT, BC=BC,
-        )
-    if want_out:
-        zunits = torch.empty(Uo, dtype=torch.int32, device=dev)
-        nz = torch.empty(1, dtype=torch.int32, device=dev)
-        _compact_kernel[(1,)](mask_out, mask_out.stride(0), Uo, th, zunits, nz, BLOCK=1024)
-        tiles = _zero_tiles()
-        _zero_kernel[(triton.cdiv(T, tiles["BT"]), triton.cdiv(N, tiles["BC"]))](
-            x, weight, dummy if bias is None else bias, mi_arg, gy, zunits, nz, tot_o, sqt_o, part_o,
-            T, N, K, block_in, block_out, tps, Uo,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gy.stride(0), gy.stride(1),
-            _stride(mask_in),
-            HAS_BIAS=bias is not None, HAS_MIN=mask_in is not None, SQ_OUT=sq_out_mode,
-            PREC=prec, UPCAST=upcast, **tiles,
-        )
-
-    dmask_in = _finish(Ui, S, tot_i, sqt_i, part_i, sq_in_mode, acc_in, sq_in, need_mask_in, dummy) if want_in else None
-    dmask_out = _finish(Uo, S, tot_o, sqt_o, part_o, sq_out_mode, acc_out, sq_out, need_mask_out, dummy) if want_out else None
+    dmask_in = _finish(Ui, S, *views[0:3], sq_in_mode, acc_in, sq_in, need_mask_in, dummy) if want_in else None
+    dmask_out = _finish(Uo, S, *views[3:6], sq_out_mode, acc_out, sq_out, need_mask_out, dummy) if want_out else None
 
     dweight = dbias = None
     if need_weight or need_bias:
-        mo_e = None if mask_out is None else mask_out.float().repeat_interleave(block_out)
+        mo_e = None if mask_out is None else _expand(mask_out, block_out)
         if need_weight:
             gw = (gy.t() @ x).float()  # weight-sized; the masks scale its rows / columns exactly
             if mo_e is not None:
                 gw.mul_(mo_e[:, None])
             if mask_in is not None:
-                gw.mul_(mask_in.float().repeat_interleave(block_in)[None, :])
+                gw.mul_(_expand(mask_in, block_in)[None, :])
             dweight = gw.to(weight.dtype)
         if need_bias:
             gb = gy.float().sum(0)
