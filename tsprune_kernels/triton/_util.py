@@ -32,8 +32,14 @@ def upcast_dot(dtype: torch.dtype) -> bool:
 
 
 def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
-    """The autotune list on a GPU; one config (no benchmarking) under the interpreter."""
-    return [interp] if interpreting() else gpu
+    """The autotune list on a GPU; one config (no benchmarking) under the interpreter, and only the
+    first GPU config when ``TSPRUNE_TRITON_AUTOTUNE=0`` (read at import: test runs that compile
+    many shapes once each, where autotuning would cost more than it saves)."""
+    if interpreting():
+        return [interp]
+    if os.environ.get("TSPRUNE_TRITON_AUTOTUNE", "1") == "0":
+        return gpu[:1]
+    return gpu
 
 
 def cfg(num_warps: int = 4, num_stages: int = 3, **kw) -> triton.Config:

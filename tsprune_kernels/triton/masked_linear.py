@@ -65,11 +65,9 @@ def _mask_ok(m, th):
 def _unit_reduce(prod, rows, units, col_ok, row0, T, tps, U, tot_ptr, sq_ptr, part_ptr,
                  SQ: tl.constexpr, BT: tl.constexpr):
     """Add the [BT, BC] fp32 tile ``prod`` (zero outside the valid rows / columns) into the unit
-    totals; SQ == 1: also its squares (a row is a sample and a column a unit); SQ == 2: per-sample
-    partials part[s, unit] (rows ``row0 ..`` belong to samples row // tps)."""
-    tl.atomic_add(tot_ptr + units, tl.sum(prod, 0), mask=col_ok)
-    if SQ == 1:
-        tl.atomic_add(sq_ptr + units, tl.sum(prod * prod, 0), mask=col_ok)
+    totals; SQ == 1: also its squares (a row is a sample and a column a unit); SQ == 2: into the
+    per-sample partials part[s, unit] instead (rows ``row0 ..`` belong to samples row // tps; the
+    totals are their sums, formed by _finalize_kernel). Relaxed atomics: only the sums matter."""
     if SQ == 2:
         row_end = tl.minimum(row0 + BT, T)
         s_lo = row0 // tps
@@ -77,7 +75,11 @@ def _unit_reduce(prod, rows, units, col_ok, row0, T, tps, U, tot_ptr, sq_ptr, pa
         rs = rows // tps
         for s in range(s_lo, s_hi + 1):
             part = tl.sum(tl.where((rs == s)[:, None], prod, 0.0), 0)
-            tl.atomic_add(part_ptr + s * U + units, part, mask=col_ok)
+            tl.atomic_add(part_ptr + s * U + units, part, mask=col_ok, sem="relaxed")
+    else:
+        tl.atomic_add(tot_ptr + units, tl.sum(prod, 0), mask=col_ok, sem="relaxed")
+        if SQ == 1:
+            tl.atomic_add(sq_ptr + units, tl.sum(prod * prod, 0), mask=col_ok, sem="relaxed")
 
 
 @triton.jit
@@ -100,7 +102,6 @@ _FWD_CONFIGS = configs(
         cfg(4, 4, BT=128, BC=64, BR=64, GROUP=8),
         cfg(4, 4, BT=64, BC=128, BR=64, GROUP=8),
         cfg(8, 3, BT=128, BC=256, BR=64, GROUP=8),
-        cfg(4, 3, BT=64, BC=64, BR=32, GROUP=8),  # fp32 (ieee, no tensor cores) and small layers
     ],
     cfg(4, 1, BT=32, BC=32, BR=32, GROUP=4),
 )
@@ -156,8 +157,7 @@ _BWD_CONFIGS = configs(
         cfg(8, 3, BT=128, BC=128, BR=64, GROUP=8),
         cfg(4, 4, BT=128, BC=64, BR=64, GROUP=8),
         cfg(4, 4, BT=64, BC=128, BR=64, GROUP=8),
-        cfg(8, 3, BT=128, BC=256, BR=64, GROUP=8),
-        cfg(4, 3, BT=64, BC=64, BR=32, GROUP=8),
+        cfg(4, 3, BT=64, BC=64, BR=32, GROUP=8),  # small layers; fp32 without tensor cores
     ],
     cfg(4, 1, BT=32, BC=32, BR=32, GROUP=4),
 )
@@ -369,26 +369,32 @@ def _finalize_kernel(
     HAS_ACC: tl.constexpr, HAS_SQACC: tl.constexpr, HAS_DM: tl.constexpr, SQ: tl.constexpr,
     BU: tl.constexpr, BS: tl.constexpr,
 ):
+    """Per unit: g = total (SQ 2: sum of the per-sample partials), q = sum_i g_i**2;
+    acc += g, sq += q, dmask = g."""
     u = tl.program_id(0) * BU + tl.arange(0, BU)
     ok = u < U
-    g = tl.load(tot_ptr + u, mask=ok, other=0.0)
+    if SQ == 2:
+        g = tl.zeros((BU,), tl.float32)
+        q = tl.zeros((BU,), tl.float32)
+        rs = tl.arange(0, BS)
+        for s0 in range(0, S, BS):
+            s = s0 + rs
+            p = tl.load(part_ptr + s.to(tl.int64)[:, None] * U + u[None, :],
+                        mask=(s < S)[:, None] & ok[None, :], other=0.0)
+            g += tl.sum(p, 0)
+            q += tl.sum(p * p, 0)
+    else:
+        g = tl.load(tot_ptr + u, mask=ok, other=0.0)
+        if SQ == 1:
+            q = tl.load(sqt_ptr + u, mask=ok, other=0.0)
+        else:
+            q = tl.zeros((BU,), tl.float32)
     if HAS_DM:
         tl.store(dm_ptr + u, g, mask=ok)
     if HAS_ACC:
         a = tl.load(acc_ptr + u, mask=ok, other=0.0)
         tl.store(acc_ptr + u, a + g.to(a.dtype), mask=ok)
     if HAS_SQACC:
-        if SQ == 1:
-            q = tl.load(sqt_ptr + u, mask=ok, other=0.0)
-        else:
-            q = tl.zeros((BU,), tl.float32)
-        if SQ == 2:
-            rs = tl.arange(0, BS)
-            for s0 in range(0, S, BS):
-                s = s0 + rs
-                p = tl.load(part_ptr + s.to(tl.int64)[:, None] * U + u[None, :],
-                            mask=(s < S)[:, None] & ok[None, :], other=0.0)
-                q += tl.sum(p * p, 0)
         a = tl.load(sqacc_ptr + u, mask=ok, other=0.0)
         tl.store(sqacc_ptr + u, a + q.to(a.dtype), mask=ok)
 
@@ -545,9 +551,11 @@ def masked_linear_bwd(
     Ui = K // block_in if want_in else 0
     Uo = N // block_out if want_out else 0
 
-    # one zeroed fp32 scratch: [tot_in | sq_in | part_in | tot_out | sq_out | part_out]
-    sizes = [Ui, Ui if sq_in_mode == 1 else 0, S * Ui if sq_in_mode == 2 else 0,
-             Uo, Uo if sq_out_mode == 1 else 0, S * Uo if sq_out_mode == 2 else 0]
+    # one zeroed fp32 scratch: [tot_in | sq_in | part_in | tot_out | sq_out | part_out] (per side:
+    # totals, plus their squares for one-token samples of one-channel units, or only the per-sample
+    # partials for taylor2)
+    sizes = [Ui if sq_in_mode != 2 else 0, Ui if sq_in_mode == 1 else 0, S * Ui if sq_in_mode == 2 else 0,
+             Uo if sq_out_mode != 2 else 0, Uo if sq_out_mode == 1 else 0, S * Uo if sq_out_mode == 2 else 0]
     scratch = torch.zeros(max(sum(sizes), 1), dtype=torch.float32, device=dev)
     views, off = [], 0
     for n in sizes:

@@ -102,7 +102,7 @@ def _hist_kernel(
             bad = cand & (key >= 0x7F800000)
         nbad = tl.sum(bad.to(tl.int32), 0)
         if nbad > 0:
-            tl.atomic_add(info_ptr, nbad)
+            tl.atomic_add(info_ptr, nbad, sem="relaxed")
     else:
         prefix, rem = _select_state(hist_ptr, k, P, NBITS, IS64, CLAMP)
         cand = cand & ((key >> (NBITS - 7 - 8 * (P - 1))) == (prefix >> (NBITS - 7 - 8 * (P - 1))))
@@ -110,7 +110,7 @@ def _hist_kernel(
     bins = tl.arange(0, 256)
     h = tl.histogram(digit, 256)
     h = h - tl.where(bins == 0, BLOCK - tl.sum(cand.to(tl.int32), 0), 0)  # non-candidates sat in bin 0
-    tl.atomic_add(hist_ptr + P * 256 + bins, h, mask=h > 0)
+    tl.atomic_add(hist_ptr + P * 256 + bins, h, mask=h > 0, sem="relaxed")
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def _prune_kernel(
         sel = (live & (key == 0)) | (cand & (key < t)) | (tie & (rank <= need))
         tl.store(mask_ptr + offs, tl.zeros([BLOCK], dtype=mask_ptr.dtype.element_ty), mask=sel)
         tl.store(imp_ptr + offs, tl.zeros([BLOCK], dtype=imp_ptr.dtype.element_ty), mask=sel)
-        tl.atomic_add(count_ptr, tl.sum(sel.to(tl.int32), 0))
+        tl.atomic_add(count_ptr, tl.sum(sel.to(tl.int32), 0), sem="relaxed")
 
 
 def _tables(flats: list[Tensor], block: int, device) -> tuple[Tensor, ...]:

@@ -74,7 +74,7 @@ def _act_sq_kernel(x_ptr, acc_ptr, T, C, sxt, sxc, ROWS: tl.constexpr,
         v = tl.load(x_ptr + t.to(tl.int64)[:, None] * sxt + c[None, :] * sxc, mask=m, other=0.0)
         v = v.to(acc_ptr.dtype.element_ty)
         part += tl.sum(v * v, 0)
-    tl.atomic_add(acc_ptr + c, part, mask=c_ok)
+    tl.atomic_add(acc_ptr + c, part, mask=c_ok, sem="relaxed")
 
 
 def act_sq_accumulate_(x: Tensor, acc: Tensor) -> Tensor:
