@@ -306,7 +306,8 @@ def model_fingerprint(model: nn.Module) -> float | None:
 def check_consistent(values: Mapping[str, float], what: str = "calibration setup",
                      timeout_s: float | None = None) -> None:
     """All ranks must pass equal ``values`` (layout sizes, dataset lengths, batch sizes, a model
-    checksum ...); otherwise every rank raises DistributedError listing the differences. NaN means
+    checksum ...), equal to 1e-9 relative (a checksum summed on different devices may round
+    differently); otherwise every rank raises DistributedError listing the differences. NaN means
     "not checked" on that rank."""
     if not is_dist():
         return
@@ -317,7 +318,7 @@ def check_consistent(values: Mapping[str, float], what: str = "calibration setup
     for j, k in enumerate(keys):
         col = g[:, j]
         col = col[~torch.isnan(col)]
-        if len(col) and not bool((col == col[0]).all()):
+        if len(col) and not bool(((col - col[0]).abs() <= 1e-9 * col[0].abs().clamp(min=1.0)).all()):
             bad.append(f"{k}: " + ", ".join(f"rank {r}={g[r, j].item():.17g}" for r in range(g.shape[0])))
     if bad:
         raise DistributedError(f"tsprune distributed: ranks disagree on the {what}: " + "; ".join(bad))
