@@ -71,29 +71,37 @@ void histogram_pass(int64_t n_chunks, int64_t work, const Visit& visit, int shif
   const int nt = detail::threads_for(work);
   std::vector<int64_t> local(static_cast<size_t>(nt) * kBuckets, 0);
   std::vector<char> bad(nt, 0);
+  std::vector<int64_t> zeros(nt, 0);
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
     int64_t* h = local.data() + static_cast<size_t>(tid) * kBuckets;
     bool b = false;
+    int64_t z = 0;
     const int high_shift = shift + kDigitBits;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
+      // Branch-free for the common keys: zero keys are counted (and land in bucket 0 when
+      // they match the prefix, i.e. when the prefix is 0); they are taken out after the pass.
       visit(c, [&](Key k) {
-        if (skip_zero && k == 0) return;
-        if (check_finite && k >= KeyTraits<Key>::kInf) b = true;
+        z += (k == 0);
+        b |= check_finite & (k >= KeyTraits<Key>::kInf);
         if (has_prefix && (k >> high_shift) != prefix) return;
         ++h[(k >> shift) & (kBuckets - 1)];
       });
     }
     bad[tid] = b;
+    zeros[tid] = z;
   }
   hist.assign(kBuckets, 0);
+  int64_t n_zero = 0;
   for (int t = 0; t < nt; ++t) {
     const int64_t* h = local.data() + static_cast<size_t>(t) * kBuckets;
     for (int64_t d = 0; d < kBuckets; ++d) hist[d] += h[d];
     non_finite = non_finite || bad[t];
+    n_zero += zeros[t];
   }
+  if (skip_zero && (!has_prefix || prefix == 0)) hist[0] -= n_zero;
 }
 
 template <typename Key>
@@ -227,6 +235,13 @@ at::Tensor kth_smallest_abs(const std::vector<at::Tensor>& tensors, int64_t k, b
                     : kth_impl<uint32_t>(src, k, ignore_zeros);
 }
 
+namespace {
+// Integer (branch-free) liveness: mask != 0 (+-0 are dead; nan counts as live, like m != 0).
+inline uint32_t live_bit(float m) { return key32(m) != 0u; }
+// Key of |imp| for a live unit, 0 (skipped like a zero score) for a dead one.
+inline uint32_t live_key(float m, float v) { return key32(v) & (0u - live_bit(m)); }
+}  // namespace
+
 int64_t prune_lowest_(const at::Tensor& mask, const at::Tensor& imp, int64_t k) {
   TORCH_CHECK(mask.device().is_cpu() && imp.device().is_cpu(),
               "tsprune: prune_lowest_: mask and imp must be CPU tensors");
@@ -251,8 +266,7 @@ int64_t prune_lowest_(const at::Tensor& mask, const at::Tensor& imp, int64_t k) 
   {
     auto visit = [&](int64_t c, auto&& f) {
       const int64_t b = c * kChunk, e = std::min(n, b + kChunk);
-      for (int64_t i = b; i < e; ++i)
-        if (m[i] != 0.0f) f(key32(v[i]));
+      for (int64_t i = b; i < e; ++i) f(live_key(m[i], v[i]));
     };
     const SelectResult<uint32_t> r = radix_select<uint32_t>(
         n_chunks, n, visit, std::max<int64_t>(k, 1), /*skip_zero=*/true, /*stop_if_all=*/true);
@@ -276,7 +290,7 @@ int64_t prune_lowest_(const at::Tensor& mask, const at::Tensor& imp, int64_t k) 
     for (int64_t p = 0; p < parts; ++p) {
       const int64_t b = n * p / parts, e = n * (p + 1) / parts;
       int64_t c = 0;
-      for (int64_t i = b; i < e; ++i) c += (m[i] != 0.0f && key32(v[i]) == thr);
+      for (int64_t i = b; i < e; ++i) c += live_bit(m[i]) & (key32(v[i]) == thr);
       ties[p] = c;
     }
     int64_t before = 0;  // exclusive prefix, then the ties each part may still take
@@ -293,14 +307,14 @@ int64_t prune_lowest_(const at::Tensor& mask, const at::Tensor& imp, int64_t k) 
     const int64_t b = n * p / parts, e = n * (p + 1) / parts;
     int64_t take = ties[p], cnt = 0;
     for (int64_t i = b; i < e; ++i) {
-      if (m[i] == 0.0f) continue;
+      const bool live = live_bit(m[i]);
       const uint32_t key = key32(v[i]);
-      bool kill = prune_all || key == 0 || key < thr;
-      if (!kill && key == thr && take > 0) {
+      bool kill = live & (prune_all | (key == 0) | (key < thr));
+      if (take > 0 && live && !kill && key == thr) {
         kill = true;
         --take;
       }
-      if (kill) {
+      if (kill) {  // rare: a branch beats rewriting every element
         m[i] = 0.0f;
         v[i] = 0.0f;
         ++cnt;

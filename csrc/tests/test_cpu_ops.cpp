@@ -354,6 +354,11 @@ void test_prune() {
       if (variant == 0) imp = at::randint(-4, 5, {n}, at::kFloat) * 0.25;  // many ties and zeros
       if (variant == 1) imp = at::randn({n});
       if (variant == 2) imp = at::randn({n}).round() * 1e-3;
+      if (n > 3) {
+        mask.index_put_({1}, -0.0);  // dead (negative zero)
+        imp.index_put_({2}, -0.0);   // zero score (negative zero)
+        mask.index_put_({2}, 1.0);
+      }
       const int64_t live_nz = mask.ne(0).logical_and(imp.ne(0)).sum().item<int64_t>();
       for (int64_t k : {int64_t(0), int64_t(1), int64_t(3), n / 2, live_nz - 1, live_nz, n + 5}) {
         if (k < 0) continue;
