@@ -83,6 +83,15 @@ def _unit_reduce(prod, rows, units, col_ok, row0, T, tps, U, tot_ptr, sq_ptr, pa
 
 
 @triton.jit
+def _round_bf16(v):
+    """fp32 -> the nearest bfloat16 value (ties to even), kept in fp32. Only under the interpreter
+    (UPCAST), whose own fp32 -> bf16 cast truncates: with this the stored values match a GPU's."""
+    b = v.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _grouped(pid, n_rows, n_cols, GROUP: tl.constexpr):
     """Program id -> (row tile, column tile), GROUP row tiles at a time for L2 reuse."""
     width = GROUP * n_cols
@@ -144,6 +153,8 @@ def _fwd_kernel(
         acc += tl.load(b_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_MOUT:  # epilogue: the output mask
         acc *= tl.load(mo_ptr + (rc // bo) * smo, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if UPCAST:
+        acc = _round_bf16(acc)
     y_ptrs = y_ptr + rt.to(tl.int64)[:, None] * syt + rc[None, :] * syn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
 
@@ -226,6 +237,8 @@ def _dx_kernel(
         if HAS_MIN:
             mi = tl.load(mi_ptr + (rc // bi) * smi, mask=c_ok, other=0.0).to(tl.float32)
             dx = acc * mi[None, :]
+        if UPCAST:
+            dx = _round_bf16(dx)
         tl.store(dx_ptr + rt64[:, None] * sdt + rc[None, :] * sdk, dx.to(dx_ptr.dtype.element_ty), mask=tc_ok)
     if DO_IN:
         xv = tl.load(x_ptr + rt64[:, None] * sxt + rc[None, :] * sxk, mask=tc_ok, other=0.0)
