@@ -4,7 +4,8 @@ Stage: calibration forward / backward (docs/KERNELS.md, "Triton (CUDA)"). Receiv
 of ``tsprune::masked_linear_fwd`` / ``_bwd`` (ops/masked_linear.py); hands back y, or (dx, dweight,
 dbias, dmask_in, dmask_out) and adds into the accumulators in place. Touches nothing else.
 
-Kernels (T tokens, K inputs, N outputs; blocks expanded on the fly: unit = channel // block):
+Two paths (``path()``; ``TSPRUNE_TRITON_MASKED_LINEAR`` = auto | fused | fold). ``fused`` (bf16 /
+fp16, fp32 with TF32), kernels with T tokens, K inputs, N outputs, unit = channel // block:
 
     _fwd_kernel      y = ((x * m_in) @ W.T + b) * m_out. m_in is applied to each loaded x tile (the
                      GEMM prologue), bias and m_out in the epilogue. No temporary.
@@ -13,20 +14,24 @@ Kernels (T tokens, K inputs, N outputs; blocks expanded on the fly: unit = chann
                      It also reduces gy * y / m_out per output unit: the gy tile of reduction step s
                      is in registers anyway, and the program with pid_c == s % (programs along C)
                      loads the matching y tile, so y is read exactly once and the work is spread.
-    _out_kernel      the same output-side reduction alone, when no dx / input-side work exists.
-    _zero_kernel     exact gradients of output units whose mask is 0 / tiny / not finite (where
-                     y / m is undefined): y_pre of those columns only, by a GEMM over a compacted
-                     list of their channels (``_compact_kernel``; count read on the device, idle
-                     programs exit, no host sync). Costs |Z| / N of one forward GEMM.
+    _ratio_kernel    the same output-side reduction alone, when no dx / input-side work exists.
+    _zero_kernel     exact gradients of units whose mask is 0 / tiny / not finite (where y / m is
+                     undefined): y_pre of those columns only, by a GEMM over a compacted list of
+                     their channels (``_compact_kernel``; count read on the device, idle programs
+                     exit, no host sync). Costs |Z| / N of one forward GEMM.
     _finalize_kernel per unit: acc += g, sq += sum_i g_i**2 (from the per-sample partials),
                      dmask = g.
 
-Reductions go to a zeroed fp32 scratch buffer by atomics: per unit totals [U], and for taylor2 the
-per-sample partials [S, U] (S = samples = T // tokens_per_sample) that ``_finalize_kernel`` squares.
-When a sample is a single token and a unit a single channel, squares are summed in registers
-(no [S, U] buffer). dweight / dbias (fine-tuning through masks, never in calibration) use the exact
-identities dW = m_out * (gy.T @ x) * m_in and db = m_out * gy.sum(0): weight-sized temporaries only.
-fp64 inputs take the torch reference path (fp64 GEMMs are not what Triton is for).
+``fold`` (fp32 without TF32, where Triton's dot runs on FMA units and cuBLAS SGEMM is faster): the
+masks folded into a weight copy (``_fold_kernel``), cuBLAS GEMMs, ``_ratio_kernel`` on both sides
+(gy * y / m_out, dx * x / m_in) and ``_zero_kernel`` for the zero units of both sides.
+
+Reductions go to a zeroed fp32 scratch buffer by relaxed atomics: per unit totals [U], or for
+taylor2 the per-sample partials [S, U] (S = samples = T // tokens_per_sample) that
+``_finalize_kernel`` sums and squares. When a sample is a single token and a unit a single channel,
+squares are summed in registers (no [S, U] buffer). dweight / dbias (fine-tuning through masks,
+never in calibration) use the exact identities dW = m_out * (gy.T @ x) * m_in and
+db = m_out * gy.sum(0): weight-sized temporaries only. fp64 inputs take the torch reference path.
 """
 from __future__ import annotations
 
