@@ -46,12 +46,20 @@ UNIT = {"sxk", "swk", "syn", "sgn", "sdk", "smi", "smo", "sxc"}
 DIV16 = {"T", "N", "K", "sxt", "swn", "syt", "sgt", "sdt", "Ui", "Uo", "U", "C", "n", "n_out"}
 
 
-def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps=4, num_stages=3, specialise=True):
+def compile_one(kernel, types: dict, consts: dict, arch: int, num_warps=4, num_stages=3, specialise=True,
+                ones=False):
+    """ones=True: every integer scalar argument is the constant 1, as the JIT specialises an int
+    argument equal to 1 (block 1, one token per sample, k = 1, ...): code that calls tensor methods
+    on such an argument (``k.to(...)``) must still compile."""
     fn = _jit(kernel)
     consts = dict(consts)
     if specialise:
         for name in fn.arg_names:
             if name in UNIT and name not in consts:
+                consts[name] = 1
+    if ones:
+        for name in fn.arg_names:
+            if name not in consts and types[name] in ("i32", "i64"):
                 consts[name] = 1
     sig = {}
     attrs = {}
@@ -173,6 +181,7 @@ def main() -> int:
             continue
         try:
             c = compile_one(kernel, types, consts, a.arch, nw, ns)
+            compile_one(kernel, types, consts, a.arch, nw, ns, ones=True)
             if not a.quick:  # the generic (unspecialised) variant must compile too
                 compile_one(kernel, types, consts, a.arch, nw, ns, specialise=False)
             smem = c.metadata.shared

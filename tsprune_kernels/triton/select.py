@@ -60,7 +60,7 @@ def _select_state(hist_ptr, k, P: tl.constexpr, NBITS: tl.constexpr, IS64: tl.co
     """After passes 0 .. P-1: (key prefix of the k-th smallest candidate, its rank among the
     candidates sharing that prefix). CLAMP: k = min(k, number of candidates)."""
     bins = tl.arange(0, 256)
-    rem = k.to(tl.int64)
+    rem = k + tl.zeros([], tl.int64)  # (k may be the constant 1: no tensor methods on it)
     if CLAMP:
         rem = tl.minimum(rem, tl.sum(tl.load(hist_ptr + bins).to(tl.int64), 0))
     if IS64:
