@@ -146,9 +146,10 @@ def _fwd_kernel(
         a = tl.load(x_rows + kk[None, :] * sxk, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_MIN:  # prologue: the input mask on the loaded x tile
             mi = tl.load(mi_ptr + (kk // bi) * smi, mask=k_ok, other=0.0).to(tl.float32)
-            a = a.to(tl.float32) * mi[None, :]
-            if not UPCAST:  # (the interpreter's bf16 rounding truncates: stay fp32 there)
-                a = a.to(x_ptr.dtype.element_ty)
+            if UPCAST:  # (the interpreter's bf16 rounding truncates: stay fp32 there)
+                a = a.to(tl.float32) * mi[None, :]
+            else:  # in x's dtype, one rounding, like the reference's x * m.to(x.dtype)
+                a = a * mi.to(x_ptr.dtype.element_ty)[None, :]
         w = tl.load(w_cols + kk[:, None] * swk, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -216,9 +217,10 @@ def _dx_kernel(
         g = tl.load(g_rows + nn[None, :] * sgn, mask=tn_ok, other=0.0)
         if HAS_MOUT:  # prologue: the output mask on the loaded gy tile (go = dL/dy_pre)
             mo = tl.load(mo_ptr + (nn // bo) * smo, mask=n_ok, other=0.0).to(tl.float32)
-            go = g.to(tl.float32) * mo[None, :]
-            if not UPCAST:
-                go = go.to(gy_ptr.dtype.element_ty)
+            if UPCAST:
+                go = g.to(tl.float32) * mo[None, :]
+            else:
+                go = g * mo.to(gy_ptr.dtype.element_ty)[None, :]
         else:
             go = g
         w = tl.load(w_cols + nn.to(tl.int64)[:, None] * swn, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
@@ -340,9 +342,10 @@ def _zero_kernel(
             a = tl.load(a_rows + kk[None, :] * sar, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_AMASK:
                 am = tl.load(am_ptr + (kk // ab) * sam, mask=k_ok, other=0.0).to(tl.float32)
-                a = a.to(tl.float32) * am[None, :]
-                if not UPCAST:
-                    a = a.to(a_ptr.dtype.element_ty)
+                if UPCAST:
+                    a = a.to(tl.float32) * am[None, :]
+                else:
+                    a = a * am.to(a_ptr.dtype.element_ty)[None, :]
             w = tl.load(w_cols + kk.to(tl.int64)[:, None] * swr, mask=k_ok[:, None] & j_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
