@@ -58,29 +58,40 @@ EOF
 cat "$OUT/env.txt"
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
 
+# The CUDA extension needs a CUDA toolkit (nvcc); torch wheels do not ship one.
+CUDA_HOME_FOUND="$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null)"
+if [[ -n "$CUDA_HOME_FOUND" ]]; then EXPECT_CUDA_EXT=1; else EXPECT_CUDA_EXT=0; fi
+
 if [[ " $STAGES " == *" build "* ]]; then
-  note "build: CPU + CUDA extensions for sm_90"
+  if [[ $EXPECT_CUDA_EXT == 1 ]]; then
+    note "build: CPU + CUDA extensions for sm_90 (CUDA toolkit: $CUDA_HOME_FOUND)"
+  else
+    note "build: NO CUDA toolkit (nvcc / CUDA_HOME) on this machine: only the CPU extension is built;" \
+         "tsprune_kernels._C_cuda is missing and repack on CUDA tensors uses the torch path"
+  fi
   export TSPRUNE_CUDA_ARCHS="${TSPRUNE_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   if ! "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
     note "build: pip install -e failed (tail below); trying setup.py build_ext --inplace"
     tail -20 "$OUT/build.log"
     "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 || { note "build: FAILED (see build.log)"; status=1; }
   fi
-  if "$PY" - >"$OUT/backends.json" 2>>"$OUT/build.log" <<'EOF'
+  if EXPECT_CUDA_EXT=$EXPECT_CUDA_EXT "$PY" - >"$OUT/backends.json" 2>>"$OUT/build.log" <<'EOF'
 import json
+import os
 import tsprune_kernels as K
 from tsprune_kernels import _backend as B
 print(json.dumps({"backends": K.backends(), "cpp": B._C_ERROR or "loaded", "cuda_ext": B._C_CUDA_ERROR or "loaded",
                   "triton": B._TRITON_ERROR or "loaded"}, indent=1))
-assert B.cpp_available() and B.cuda_ext_available() and B.triton_available()
+assert B.cpp_available() and B.triton_available()
+assert B.cuda_ext_available() or os.environ["EXPECT_CUDA_EXT"] == "0"
 EOF
-  then note "build: ok (tsprune_kernels._C, _C_cuda and the Triton kernels load)"
+  then note "build: ok (tsprune_kernels._C$([[ $EXPECT_CUDA_EXT == 1 ]] && echo ", _C_cuda") and the Triton kernels load)"
   else note "build: an extension did not load:"; cat "$OUT/backends.json"; tail -5 "$OUT/build.log"; status=1
   fi
 fi
 
 if [[ " $STAGES " == *" test "* ]]; then
-  export TSPRUNE_REQUIRE_CPP=1 TSPRUNE_REQUIRE_CUDA_EXT=1 TSPRUNE_TRITON_AUTOTUNE=0
+  export TSPRUNE_REQUIRE_CPP=1 TSPRUNE_REQUIRE_CUDA_EXT=$EXPECT_CUDA_EXT TSPRUNE_TRITON_AUTOTUNE=0
   unset TRITON_INTERPRET TSPRUNE_KERNELS_BACKEND
   PP="${PYTHONPATH:-}"
   PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
