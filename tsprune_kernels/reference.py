@@ -220,7 +220,7 @@ def kth_smallest_abs(tensors: list[Tensor], k: int, ignore_zeros: bool = True) -
         remaining -= int(csum[d - 1]) if d > 0 else 0
         prefix |= d << shift
     out = torch.tensor(prefix, dtype=int_t, device=flats[0].device).view(work_t)
-    return out.to(dtype) if dtype in (torch.float16, torch.bfloat16) else out
+    return out  # fp32 for half inputs (exact: the upcast is exact), like the compiled paths
 
 
 def prune_lowest_(mask: Tensor, imp: Tensor, k: int) -> int:

@@ -10,14 +10,14 @@ import torch
 from .. import _backend, reference
 
 
-def _check_index(i: int, what: str, idx: Optional[Tensor], size: int, t: Tensor) -> None:
+def _check_index(i: int, what: str, idx: Optional[Tensor], size: int, t: Tensor, ranges: bool) -> None:
     if idx is None:
         return
     if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 1:
         raise TypeError(f"repack: keep_{what}[{i}] must be a 1-D LongTensor or None")
     if idx.device != t.device:
         raise ValueError(f"repack: keep_{what}[{i}] is on {idx.device} but tensor {i} is on {t.device}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+    if ranges and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
         raise IndexError(
             f"repack: keep_{what}[{i}] has index {int(idx.min()) if int(idx.min()) < 0 else int(idx.max())} "
             f"out of range for size {size} (tensor {i} of shape {tuple(t.shape)})"
@@ -38,19 +38,28 @@ def repack(
         raise ValueError(
             f"repack: {len(tensors)} tensors but {len(keep_rows)} keep_rows and {len(keep_cols)} keep_cols"
         )
+    if not tensors:
+        return []
+    cpu = all(t.device.type == "cpu" for t in tensors)
+    # The C++ kernel checks index ranges itself in its pass; checking here too would cost two
+    # reductions (and, on other backends, host syncs) per index tensor.
+    use_cpp = cpu and _backend.choose("repack", "cpu").backend == "cpp"
     for i, (t, r, c) in enumerate(zip(tensors, keep_rows, keep_cols)):
         if t.dim() == 0:
             raise ValueError(f"repack: tensor {i} is 0-d")
         if t.dim() == 1 and c is not None:
             raise ValueError(f"repack: tensor {i} is 1-D (shape {tuple(t.shape)}) but keep_cols[{i}] is given")
-        _check_index(i, "rows", r, t.shape[0], t)
+        _check_index(i, "rows", r, t.shape[0], t, not use_cpp)
         if c is not None:
-            _check_index(i, "cols", c, t.shape[1], t)
-    if not tensors:
-        return []
-    cpu = all(t.device.type == "cpu" for t in tensors)
-    if cpu and _backend.choose("repack", "cpu").backend == "cpp":
-        return list(_backend._C.repack([t.detach() for t in tensors], keep_rows, keep_cols))
+            _check_index(i, "cols", c, t.shape[1], t, not use_cpp)
+    if use_cpp:
+        try:
+            return list(_backend._C.repack([t.detach() for t in tensors], keep_rows, keep_cols))
+        except RuntimeError as e:
+            msg = str(e).split("\nException raised from")[0]
+            if "out of range" in msg:
+                raise IndexError(f"repack: {msg}") from None
+            raise
     dev = tensors[0].device
     if dev.type == "cuda" and all(t.device == dev for t in tensors) and _backend.choose("repack", dev).backend == "cuda":
         with torch.cuda.device(dev):  # one launch for all tensors, on the current stream
