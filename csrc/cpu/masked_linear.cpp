@@ -3,7 +3,8 @@
 //
 // GEMMs go through ATen (MKL). The mask-gradient reductions are our own OpenMP passes over rows
 // with per-thread partial accumulators; no activation-sized temporary is created except the
-// restricted recompute for units whose mask is (near) zero, which is |Z| / width of one GEMM.
+// restricted recompute for OUTPUT units whose mask is (near) zero (|Z| / width of one GEMM);
+// input units with zero masks get exact gradients from dxm = gy @ (W * m_out) instead.
 
 #include "ops.h"
 #include "kernel_utils.h"
@@ -492,10 +493,15 @@ std::vector<at::Tensor> masked_linear_bwd(
 
   std::vector<at::Tensor> out(5);
 
-  // dx = gy @ Wf (also needed for dmask_in).
+  // dx = gy @ Wf (also needed for dmask_in). When mask_in has zero units, dx holds no trace of
+  // dxm there; then compute dxm = gy @ (W * m_out) instead (m_in NOT folded): the input-side
+  // gradient is exact at every unit without a second GEMM, and dx = dxm * m_in is one column
+  // scaling pass over [T, K] after the reduction.
+  const bool dxm_path = want_min && !mi.zero.empty();
   at::Tensor dx;
   if (need_x || want_min) {
-    const at::Tensor wf = folded_weight(wc, mi, mo);
+    static const UnitMask kNoMask;
+    const at::Tensor wf = folded_weight(wc, dxm_path ? kNoMask : mi, mo);
     dx = at::mm(gyc, wf);
   }
 
@@ -535,26 +541,11 @@ std::vector<at::Tensor> masked_linear_bwd(
   if (want_min) {
     si.assign(Ui, 0.0);
     if (want_sq_in) qi.assign(Ui, 0.0);
-    pair_reduce(dx, xc, tokens_per_sample, block_in, mi.inv.data(), si.data(),
+    pair_reduce(dx, xc, tokens_per_sample, block_in, dxm_path ? nullptr : mi.inv.data(), si.data(),
                 want_sq_in ? qi.data() : nullptr, nullptr);
-    if (!mi.zero.empty()) {
-      // dxm[:, Z] = gy @ (W[:, Z] * expand(m_out)[:, None])
-      const at::Tensor idx = unit_channels(mi.zero, block_in);
-      at::Tensor wz = wc.index_select(1, idx);
-      if (mo.folds()) {
-        std::vector<double> eo = expand_channels(mo, N);
-        scale_inplace(wz, eo.data(), nullptr);
-      }
-      const at::Tensor dxmz = at::mm(gyc, wz);
-      const at::Tensor xz = xc.index_select(1, idx);
-      const size_t nz = mi.zero.size();
-      std::vector<double> zs(nz), zq(want_sq_in ? nz : 0);
-      pair_reduce(dxmz, xz, tokens_per_sample, block_in, nullptr, zs.data(),
-                  want_sq_in ? zq.data() : nullptr, nullptr);
-      for (size_t i = 0; i < nz; ++i) {
-        si[mi.zero[i]] = zs[i];
-        if (want_sq_in) qi[mi.zero[i]] = zq[i];
-      }
+    if (dxm_path && need_x) {
+      std::vector<double> ei = expand_channels(mi, K);
+      scale_inplace(dx, nullptr, ei.data());  // dxm -> dx
     }
   }
 
