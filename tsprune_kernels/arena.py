@@ -23,8 +23,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .ops.scores import ema_update_
-from .ops.select import prune_lowest_
+from .ops.scores import ema_update_, fisher_score, taylor2_score, taylor_score
+from .ops.select import _prune_lowest_checked_
 
 CRITERIA = ("taylor", "taylor2", "fisher")
 
@@ -146,19 +146,23 @@ class ScoreArena:
     def scores(self, criterion: str = "taylor") -> Tensor:
         """Flat score of every unit from the accumulated gradients (a new tensor)."""
         if criterion == "taylor":
-            return -self.acc[0] * self.mask
+            return taylor_score(self.acc[0], self.mask)
         if criterion == "taylor2":
-            return -self.acc[0] + 0.5 * self.acc[1]
+            return taylor2_score(self.acc[0], self.acc[1])
         if criterion == "fisher":
-            return self.acc[1].clone()
+            return fisher_score(self.acc[1])
         raise ValueError(f"ScoreArena: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
 
     def step(self, criterion: str = "taylor", ema: float = 1.0, *, ratio: float | None = None,
-             k: int | None = None, score: Tensor | None = None, check_finite: bool = True) -> StepResult:
+             k: int | None = None, score: Tensor | None = None, check_finite: bool = True,
+             min_live: int = 0) -> StepResult:
         """One pruning step (SPEC steps 4-6): score (from the accumulators, or the flat ``score``
         given, e.g. magnitude / Wanda), EMA into ``imp`` (the first step takes the score as is),
         then prune ``k`` units, or ``ceil(ratio * live)``, of lowest |imp| over the whole arena plus
-        the live units whose importance is exactly 0. Zeroes the accumulators afterwards."""
+        the live units whose importance is exactly 0; never more than leaves ``min_live`` units
+        (zero-importance units are pruned regardless). Zeroes the accumulators afterwards.
+
+        Host syncs: one finite check (when ``check_finite``), one count of live units, the prune."""
         if (ratio is None) == (k is None):
             raise ValueError("ScoreArena.step: give exactly one of ratio or k")
         if ratio is not None and not 0.0 <= ratio <= 1.0:
@@ -172,6 +176,8 @@ class ScoreArena:
         else:
             if score.shape != self.imp.shape:
                 raise ValueError(f"ScoreArena.step: score has shape {tuple(score.shape)}, arena has ({self.n_units},)")
+            if check_finite and not bool(torch.isfinite(score).all()):
+                raise ValueError("ScoreArena.step: the given score contains NaN or Inf")
             s = score.to(self.imp.dtype)
         live = self.mask != 0
         if self.steps == 0:
@@ -181,7 +187,9 @@ class ScoreArena:
         self.imp.mul_(live)
         n_live = int(live.sum())
         kk = int(k) if k is not None else math.ceil(ratio * n_live - 1e-12)
-        n = prune_lowest_(self, kk)
+        kk = max(0, min(kk, n_live - int(min_live)))
+        # imp is finite here (checked inputs, EMA of finite values): skip prune_lowest_'s own check
+        n = _prune_lowest_checked_(self.mask, self.imp, kk)
         self.steps += 1
         self.zero_grad_()
         return StepResult(pruned=n, live_before=n_live, live_after=n_live - n, k=kk)

@@ -5,8 +5,6 @@ broadcasting view (``[..., units, block] * m[:, None]``), never by materialising
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -257,7 +255,3 @@ def repack(tensors, keep_rows, keep_cols):
             v = v.clone()
         out.append(v)
     return out
-
-
-def ceil_ratio(r: float, n: int) -> int:
-    return int(math.ceil(r * n - 1e-9))

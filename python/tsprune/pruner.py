@@ -180,23 +180,20 @@ class Pruner:
             self.arena.zero_grad_()
             return StepInfo(self.macro_steps, 0, self.arena.n_live(), self.arena.n_units, True)
         total = self.arena.n_units
-        live = self.arena.n_live()
         r = self.ratio_per_step() if ratio is None else ratio
-        k = math.ceil(r * live - 1e-12)
         floor_live = total - math.floor(self.max_prune_ratio * total)
-        capped = live - k < floor_live
-        if capped:
-            k = max(0, live - floor_live)
         if self.comm is not None:  # one flat all-reduce of the macro-batch's sums, before scoring
             self.comm.reduce_(self)
         score = self._static_score() if self.criterion in ("magnitude", "wanda") else None
-        res = self.arena.step(self.criterion if score is None else "taylor", self.ema, k=k, score=score)
+        # the arena caps k so that at least floor_live units stay (zero-score units still go)
+        res = self.arena.step(self.criterion if score is None else "taylor", self.ema, ratio=r,
+                              score=score, min_live=floor_live)
         if self.comm is not None:  # every rank takes rank 0's masks: they can never diverge
             self.comm.sync_state_(self.arena)
             after = self.arena.n_live()
-            res = K.StepResult(pruned=live - after, live_before=live, live_after=after, k=res.k)
-        if res.live_after < floor_live:  # zero-score units pushed it past the cap: nothing to undo,
-            capped = True                # but stop here
+            res = K.StepResult(pruned=res.live_before - after, live_before=res.live_before,
+                               live_after=after, k=res.k)
+        capped = res.live_after <= floor_live
         self.macro_steps += 1
         self.done = capped
         info = StepInfo(self.macro_steps, res.pruned, res.live_after, total, capped)

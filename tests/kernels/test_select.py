@@ -1,6 +1,8 @@
 """global_kth_smallest against cat + kthvalue; prune_lowest_ against a sort-based oracle."""
 import pytest
 import torch
+
+from _oracles import prune_oracle
 from hypothesis import given, settings, strategies as st
 
 import tsprune_kernels as K
@@ -62,17 +64,6 @@ def test_kth_sweep(sizes, seed, data):
     assert float(K.global_kth_smallest(ts, k)) == float(flat.kthvalue(k).values)
 
 
-def _prune_oracle(mask, imp, k):
-    mask, imp = mask.clone(), imp.clone()
-    live = [i for i in range(mask.numel()) if mask[i] != 0]
-    zero = [i for i in live if imp[i] == 0]
-    cand = sorted((abs(float(imp[i])), i) for i in live if imp[i] != 0)
-    chosen = zero + [i for _, i in cand[:k]]
-    mask[chosen] = 0
-    imp[chosen] = 0
-    return mask, imp, len(chosen)
-
-
 @pytest.mark.parametrize("k", [0, 1, 7, 50, 10_000])
 def test_prune_lowest_matches_oracle(backend, gen, k):
     n = 257
@@ -81,7 +72,7 @@ def test_prune_lowest_matches_oracle(backend, gen, k):
     imp[torch.rand(n, generator=gen) < 0.05] = 0.0
     imp[10:20] = 0.125  # ties: lower index first
     imp[30:35] = -0.125
-    m_ref, i_ref, n_ref = _prune_oracle(mask, imp, k)
+    m_ref, i_ref, n_ref = prune_oracle(mask, imp, k)
     got = K.prune_lowest_(mask, k, imp=imp)
     assert got == n_ref
     assert torch.equal(mask, m_ref) and torch.equal(imp, i_ref)

@@ -39,6 +39,8 @@ import os
 import pytest
 import torch
 
+from _oracles import prune_oracle
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or the Triton interpreter (set TRITON_INTERPRET=1)",
@@ -321,17 +323,6 @@ def test_kth_errors():
         K.global_kth_smallest([torch.ones(3, device=DEV), torch.tensor([float("inf")], device=DEV)], 1)
 
 
-def _prune_oracle(mask, imp, k):
-    mask, imp = mask.clone(), imp.clone()
-    live = [i for i in range(mask.numel()) if mask[i] != 0]
-    zero = [i for i in live if imp[i] == 0]
-    cand = sorted((abs(float(imp[i])), i) for i in live if imp[i] != 0)
-    chosen = zero + [i for _, i in cand[:k]]
-    mask[chosen] = 0
-    imp[chosen] = 0
-    return mask, imp, len(chosen)
-
-
 @pytest.mark.parametrize("n", [257, 5000])
 @pytest.mark.parametrize("k", [0, 1, 7, 150, 10_000])
 def test_prune_lowest(gen, n, k):
@@ -341,7 +332,7 @@ def test_prune_lowest(gen, n, k):
     imp[torch.rand(n, generator=gen) < 0.05] = 0.0
     imp[torch.rand(n, generator=gen) < 0.3] = 0.125  # many ties, spread over blocks
     imp[10:20] = -0.125
-    m_ref, i_ref, n_ref = _prune_oracle(mask, imp, k)
+    m_ref, i_ref, n_ref = prune_oracle(mask, imp, k)
     md, idv = mask.to(DEV), imp.to(DEV)
     assert K.prune_lowest_(md, k, imp=idv) == n_ref
     assert torch.equal(md.cpu(), m_ref) and torch.equal(idv.cpu(), i_ref)

@@ -56,6 +56,12 @@ def prune_lowest_(arena_or_mask, k: int, imp: Tensor | None = None) -> int:
         raise ValueError(f"prune_lowest_: k must be >= 0, got {k}")
     if not bool(torch.isfinite(imp).all()):
         raise ValueError("prune_lowest_: scores contain NaN or Inf")
+    return _prune_lowest_checked_(mask, imp, int(k))
+
+
+def _prune_lowest_checked_(mask: Tensor, imp: Tensor, k: int) -> int:
+    """prune_lowest_ on inputs already validated (equal 1-D shapes, k >= 0, finite scores);
+    ScoreArena.step calls it after its own checks so the scores are not scanned twice."""
     backend = _backend.choose("prune_lowest_", mask.device).backend
     if backend == "triton":
         return _backend.triton_impl().prune_lowest_(mask, imp, int(k))
