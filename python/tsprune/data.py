@@ -46,6 +46,7 @@ __all__ = [
     "mse",
     "mae",
     "MetricAccumulator",
+    "infer_frequency",
 ]
 
 ENV_DATA_DIR = "TSPRUNE_DATA_DIR"
@@ -267,6 +268,29 @@ def load_csv(path: str | os.PathLike, min_rows: int = 1) -> tuple[np.ndarray, li
     return out, columns
 
 
+def infer_frequency(path: str | os.PathLike) -> str | None:
+    """The sampling frequency of a long-horizon CSV from its first (date) column: the median step
+    between consecutive timestamps, named ``"15min"``, ``"hourly"``, ``"daily"``, ``"weekly"`` or
+    ``"monthly"`` (within 10%); None when the column is not dates or the step is none of these."""
+    import pandas as pd
+
+    try:
+        col = pd.read_csv(path, usecols=[0], skipinitialspace=True).iloc[:, 0]
+        ts = pd.to_datetime(col, errors="coerce")
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    if ts.isna().mean() > 0.5 or len(ts) < 3:
+        return None
+    step = ts.dropna().diff().dropna().dt.total_seconds().median()
+    if not step or not math.isfinite(step) or step <= 0:
+        return None
+    for name, sec in (("15min", 900), ("hourly", 3600), ("daily", 86400), ("weekly", 7 * 86400),
+                      ("monthly", 30.44 * 86400)):
+        if abs(step - sec) <= 0.1 * sec:
+            return name
+    return None
+
+
 def _mostly_numeric(s: Any) -> bool:
     import pandas as pd
 
@@ -472,6 +496,19 @@ class WindowDataset(Dataset):
         g = self.global_index(idx)
         return g // self.n_per_var, (g % self.n_per_var) * self.stride
 
+    def capped(self, max_windows: int | None) -> "WindowDataset":
+        """The same windows with a different cap (None: every window); shares the series array."""
+        new = object.__new__(WindowDataset)
+        new.__dict__.update(self.__dict__)
+        if max_windows is not None and max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        if max_windows is not None and max_windows < self.n_available:
+            new.indices = np.arange(max_windows, dtype=np.int64) * self.n_available // max_windows
+        else:
+            new.indices = None
+        new.max_windows = max_windows
+        return new
+
     # ---- data ---------------------------------------------------------------------------------
     def batch_numpy(self, idx: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         var, start = self.locate(np.asarray(idx, dtype=np.int64).reshape(-1))
@@ -535,6 +572,26 @@ class ForecastTask:
     def n_vars(self) -> int:
         return len(self.columns)
 
+    def describe(self) -> str:
+        """The task in a few readable lines (for the log)."""
+        freq = self.meta.get("freq") or "unknown"
+
+        def w(ds: WindowDataset) -> str:
+            n, m = len(ds), ds.n_available
+            return f"{n:,} windows" if n == m else f"{n:,} of {m:,} windows (capped)"
+
+        lines = [f"task {self.name}: {self.n_vars} variables, frequency {freq}, lookback {self.lookback}, "
+                 f"horizon {self.horizon}, channel-independent, scaler fitted on train"]
+        if self.source:
+            lines.append(f"  source: {self.source}")
+        for k, ds in (("train", self.train), ("val", self.val), ("test", self.test)):
+            rows = ""
+            if self.borders is not None:
+                a, b = self.borders[("train", "val", "test").index(k)]
+                rows = f"rows {a}..{b}, "
+            lines.append(f"  {k:5s}: {rows}{w(ds)} (stride {ds.stride})")
+        return "\n".join(lines)
+
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -542,6 +599,7 @@ class ForecastTask:
             "lookback": self.lookback,
             "horizon": self.horizon,
             "n_vars": self.n_vars,
+            "freq": self.meta.get("freq"),
             "borders": self.borders,
             **{
                 f"{k}_windows": len(getattr(self, k)) for k in ("train", "val", "test")
@@ -566,9 +624,11 @@ def task_from_array(
     eval_stride: int = 1,
     source: str | None = None,
     split_name: str | None = None,
+    freq: str | None = None,
 ) -> ForecastTask:
     """Build a task from raw ``values [rows, vars]``: split (scheme from ``split_name`` or ``name``),
-    fit the scaler on the train rows, scale everything, cut the windows."""
+    fit the scaler on the train rows, scale everything, cut the windows. ``freq`` (e.g. "hourly")
+    is kept in ``task.meta["freq"]`` for the seasonal-naive baseline."""
     values = np.asarray(values)
     if values.ndim != 2:
         raise ValueError(f"values must be [rows, vars], got shape {values.shape}")
@@ -599,6 +659,7 @@ def task_from_array(
         columns=columns,
         borders=borders,
         source=source,
+        meta={"freq": freq},
     )
 
 
@@ -634,6 +695,7 @@ def make_task(
     path = resolve_csv(raw, data_dir)
     values, columns = load_csv(path, min_rows=lookback + horizon)
     name = _dataset_key(path.name)
+    freq = infer_frequency(path)
     return task_from_array(
         name,
         values,
@@ -645,6 +707,7 @@ def make_task(
         train_stride=train_stride,
         eval_stride=eval_stride,
         source=str(path),
+        freq=freq,
     )
 
 
