@@ -1,18 +1,32 @@
-"""How the embedded default model was made: a tiny Chronos-Bolt pre-trained from scratch.
+"""How the embedded default model is made: a Chronos-Bolt pre-trained from scratch on a corpus
+generated on the fly (tsprune.corpus).
 
-    python -m tsprune.pretrain --out python/tsprune/default [--steps 3000] [--seed 0]
+    python -m tsprune.pretrain --ckpt runs/pretrain/ckpt.pt --steps 6000      # train (resumable)
+    python -m tsprune.pretrain --ckpt runs/pretrain/ckpt.pt --export python/tsprune/default
 
-Architecture: chronos-forecasting's real ChronosBoltModelForForecasting (T5 encoder-decoder) at a
-tiny size (DEFAULT_CONFIG). Data: synthetic series (tsprune.synthetic: Gaussian-process kernel
-mixtures, trends, seasonalities, level shifts, noise) plus, when ../shared/data is present, the
-*train* splits of ETTh2, exchange_rate and national_illness. ETTh1 is deliberately left out, so the
-main job's zero-shot number on ETTh1 is a real zero-shot number. Deterministic for a seed on one
-machine (single-threaded data generation, seeded torch).
+Architecture: chronos-forecasting's real ``ChronosBoltModelForForecasting`` (T5 encoder-decoder) at
+the official "tiny" shape (d_model 256, 4+4 layers, 4 heads of 64, d_ff 1024, ReLU; 9.0M
+parameters), context 512, prediction length 96, patches of 16. Data (tsprune.corpus.Corpus):
+KernelSynth-style GP compositions, procedural series (trends, seasonalities, regimes, intermittent
+demand, random frequencies) and TSMixup-style mixtures of the TRAIN splits of ETTh2,
+exchange_rate and national_illness (when found offline). ETTh1 is never read, so the main job's
+ETTh1 zero-shot number is a real zero-shot number.
+
+Training: AdamW, linear warm-up then cosine decay over ``--steps``, gradient clipping 1.0, bf16
+autocast on CPU where the processor has native bf16 (``--amp``). A checkpoint (model, optimiser,
+step, RNG state) is written atomically every ``--ckpt-minutes`` and at the end; rerunning the same
+command resumes from it (``--steps`` may be raised on resume: the schedule is a function of
+step / steps); with ``--max-minutes`` the cosine runs on whichever of step / steps and
+training time / max-minutes is further along, so a time-boxed run still ends fully decayed
+(the steps actually done are recorded). Every log line also goes to ``<ckpt>.log.jsonl``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import pathlib
 import time
 
 import numpy as np
@@ -20,14 +34,15 @@ import torch
 
 DEFAULT_CONTEXT = 512
 DEFAULT_HORIZON = 96
+REAL_SOURCES = ("ETTh2", "exchange_rate", "national_illness")
 
 DEFAULT_CONFIG = dict(
-    d_model=64,
-    d_kv=16,
+    d_model=256,
+    d_kv=64,
     num_heads=4,
-    d_ff=256,
-    num_layers=2,
-    num_decoder_layers=2,
+    d_ff=1024,
+    num_layers=4,
+    num_decoder_layers=4,
     dropout_rate=0.0,
     feed_forward_proj="relu",
     dense_act_fn="relu",
@@ -65,81 +80,183 @@ def build_model(overrides: dict | None = None, seed: int = 0):
     return model
 
 
-def _real_series(lookback: int) -> list[np.ndarray]:
-    """Train-split series (per variable) of the real files present, ETTh1 excluded."""
-    from .data import load_csv, resolve_csv, split_borders
-
-    out = []
-    for name in ("ETTh2", "exchange_rate", "national_illness"):
-        try:
-            path = resolve_csv(name, download=False)
-        except FileNotFoundError:
-            continue
-        values, _ = load_csv(path)
-        (t0, t1), _, _ = split_borders(path.stem, len(values), lookback=1)
-        for v in range(values.shape[1]):
-            out.append(values[t0:t1, v].astype(np.float32))
-    return out
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (avx512_bf16 / amx), so autocast is faster."""
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _sample_batch(rng, pool, batch, length):
-    ctx, tgt = [], []
-    for _ in range(batch):
-        s = pool[rng.integers(len(pool))]
-        if len(s) < length + 8:
-            s = np.concatenate([np.full(length + 8 - len(s), np.nan, np.float32), s])
-        start = rng.integers(0, len(s) - length + 1)
-        w = s[start : start + length]
-        ctx.append(w[:-DEFAULT_HORIZON])
-        tgt.append(w[-DEFAULT_HORIZON:])
-    return torch.from_numpy(np.stack(ctx)), torch.from_numpy(np.stack(tgt))
+def _lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine in ``progress`` (0..1) to 5% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def pretrain(steps: int = 3000, batch: int = 64, lr: float = 2e-3, seed: int = 0, log=print):
-    from .synthetic import generate
+def _atomic_save(obj, path: pathlib.Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
-    rng = np.random.default_rng(seed)
-    length = DEFAULT_CONTEXT + DEFAULT_HORIZON
-    synth = list(generate(2000, 2 * length, seed=seed))
-    real = _real_series(DEFAULT_CONTEXT)
-    log(f"pretrain: {len(synth)} synthetic series, {len(real)} real train-split series")
+
+class _Log:
+    def __init__(self, path: pathlib.Path | None):
+        self.path = path
+
+    def __call__(self, msg: str, **rec) -> None:
+        print(msg, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"t": time.time(), "msg": msg, **rec}) + "\n")
+
+
+def _monitor_batch(seed: int, real: list[np.ndarray], n: int = 256):
+    """A fixed batch (context, target) from the corpus with its own seed, to follow the loss."""
+    from .corpus import Corpus
+
+    c = Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, np.random.default_rng(10_000 + seed),
+               real, pool_size=64, refresh=0)
+    w = torch.from_numpy(c.sample(n))
+    return w[:, :DEFAULT_CONTEXT], w[:, DEFAULT_CONTEXT:]
+
+
+def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float = 1e-3, warmup: int = 300,
+             seed: int = 0, amp: bool = True, ckpt_minutes: float = 5.0, max_minutes: float | None = None,
+             pool_size: int = 2048):
+    """Train (or resume) until ``steps`` or ``max_minutes``; returns (model, info)."""
+    from .corpus import Corpus, real_train_series
+
+    ckpt = pathlib.Path(ckpt)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    log = _Log(ckpt.with_name(ckpt.name + ".log.jsonl"))
+    real, real_desc = real_train_series(REAL_SOURCES)
     model = build_model(seed=seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    t0 = time.time()
-    for step in range(steps):
-        pool = real if real and rng.random() < 0.3 else synth
-        ctx, tgt = _sample_batch(rng, pool, batch, length)
-        loss = model(context=ctx, target=tgt).loss
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    state = {"step": 0, "samples": 0, "wall_s": 0.0, "counts": [0, 0, 0]}
+    rng = np.random.default_rng(seed)
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+        rng.bit_generator.state = saved["rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        log(f"pretrain: resumed from {ckpt} at step {state['step']}")
+    corpus = Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, real, pool_size=pool_size)
+    mon_ctx, mon_tgt = _monitor_batch(seed, real)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"pretrain: {n_params:,} parameters; real train splits: {real_desc}; amp={'bf16' if amp else 'off'}; "
+        f"threads={torch.get_num_threads()}; steps={steps} batch={batch} lr={lr}")
+
+    def save():
+        state["counts"] = [int(a + b) for a, b in zip(state.get("counts", [0, 0, 0]), corpus.counts)]
+        corpus.counts[:] = 0
+        _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
+                      "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                      "config": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "seed": seed,
+                                 "amp": amp, "real": real_desc}}, ckpt)
+
+    t_start = time.time()
+    wall0 = state["wall_s"]
+    last_ckpt = time.time()
+    run_loss = None
+    def progress() -> float:
+        # the schedule ends at --steps or at --max-minutes of training, whichever comes first
+        frac = (state["step"] - warmup) / max(1, steps - warmup)
+        if max_minutes is not None:
+            frac = max(frac, state["wall_s"] / (max_minutes * 60))
+        return frac
+
+    while progress() < 1.0:
+        s = state["step"]
+        for g in opt.param_groups:
+            g["lr"] = lr * _lr_factor(s, progress(), warmup)
+        w = torch.from_numpy(corpus.sample(batch))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model(context=w[:, :DEFAULT_CONTEXT], target=w[:, DEFAULT_CONTEXT:]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"step {step:5d}  loss {float(loss.detach()):.4f}  {time.time() - t0:.0f}s")
+        state["step"] = s + 1
+        state["samples"] += batch
+        state["wall_s"] = wall0 + time.time() - t_start
+        lv = float(loss.detach())
+        run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
+        if s % 50 == 0 or state["step"] == steps:
+            rec = {"step": state["step"], "loss": lv, "loss_ema": run_loss, "grad_norm": float(gn),
+                   "lr": opt.param_groups[0]["lr"], "samples": state["samples"], "wall_s": state["wall_s"]}
+            if s % 250 == 0 or state["step"] == steps:
+                model.eval()
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    rec["monitor_loss"] = float(model(context=mon_ctx, target=mon_tgt).loss)
+                model.train()
+            log(f"step {state['step']:6d}  loss {lv:.4f} (ema {run_loss:.4f})  "
+                f"{'monitor %.4f  ' % rec['monitor_loss'] if 'monitor_loss' in rec else ''}"
+                f"lr {rec['lr']:.2e}  {state['wall_s']:.0f}s", **rec)
+        if time.time() - last_ckpt > ckpt_minutes * 60:
+            save()
+            last_ckpt = time.time()
+    if state["step"] < steps:
+        log(f"pretrain: --max-minutes {max_minutes} of training reached at step {state['step']}")
+    save()
     model.eval()
-    return model, {"steps": steps, "batch": batch, "lr": lr, "seed": seed,
-                   "n_synthetic": len(synth), "n_real": len(real)}
+    return model, info_from(state, steps, batch, lr, warmup, seed, amp, real_desc)
+
+
+def info_from(state, steps, batch, lr, warmup, seed, amp, real_desc) -> dict:
+    return {"steps_done": int(state["step"]), "steps_planned": int(steps), "batch": batch, "lr": lr,
+            "warmup": warmup, "seed": seed, "amp": "bf16" if amp else "off",
+            "samples_seen": int(state["samples"]), "wall_s": round(float(state["wall_s"]), 1),
+            "source_counts": {"kernel_synth": state["counts"][0], "procedural": state["counts"][1],
+                              "real_mix": state["counts"][2]},
+            "real_train_splits": real_desc, "etth1_used": False}
+
+
+def export(ckpt: pathlib.Path, out: pathlib.Path, storage: str = "bfloat16") -> None:
+    """Write the checkpoint's model with tsprune.save_pruned (weights stored in ``storage``)."""
+    from .plan import save_pruned
+
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    c = saved["config"]
+    model = build_model(seed=c["seed"])
+    model.load_state_dict(saved["model"])
+    model.eval()
+    info = info_from(saved["state"], c["steps"], c["batch"], c["lr"], c["warmup"], c["seed"], c["amp"], c["real"])
+    extra = {"pretrain": info, "made_by": f"python -m tsprune.pretrain --steps {c['steps']} --seed {c['seed']}"}
+    kw = {} if storage == "float32" else {"storage_dtype": getattr(torch, storage)}
+    save_pruned(model, out, extra=extra, **kw)
+    print(f"exported {sum(p.numel() for p in model.parameters()):,} parameters (step {info['steps_done']}) to {out}")
 
 
 def main(argv=None):
-    from .plan import save_pruned
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--ckpt", default="runs/pretrain/ckpt.pt", help="checkpoint file (resumed if present)")
+    p.add_argument("--export", default=None, help="only write the checkpoint's model to this directory")
+    p.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ckpt-minutes", type=float, default=5.0)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--pool-size", type=int, default=2048)
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, info = pretrain(a.steps, a.batch, a.lr, a.seed)
-    save_pruned(model, a.out, extra={"pretrain": info, "made_by": "python -m tsprune.pretrain"})
-    print(f"saved {sum(p.numel() for p in model.parameters()):,} parameters to {a.out}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.export:
+        export(pathlib.Path(a.ckpt), pathlib.Path(a.export), a.storage)
+        return
+    amp = cpu_has_bf16() if a.amp == "auto" else a.amp == "bf16"
+    pretrain(pathlib.Path(a.ckpt), a.steps, a.batch, a.lr, a.warmup, a.seed, amp, a.ckpt_minutes,
+             a.max_minutes, a.pool_size)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""The pre-training corpus (tsprune.corpus) and the resumable pre-training loop (tsprune.pretrain)."""
+import numpy as np
+import pytest
+import torch
+
+from tsprune import corpus as C
+
+
+def test_kernel_synth_is_an_exact_gp_sample():
+    # Force one periodic kernel: the sample covariance over many draws approaches K itself.
+    class OnePeriodic:
+        def __init__(self, seed):
+            self.r = np.random.default_rng(seed)
+
+        def __getattr__(self, name):
+            return getattr(self.r, name)
+
+        def integers(self, lo, hi=None, size=None):
+            return 1 if (lo, hi) == (1, 6) else self.r.integers(lo, hi, size)
+
+        def choice(self, a, p=None, size=None, replace=True):
+            if isinstance(a, int) and a == 6:
+                return 2  # RBF
+            return self.r.choice(a, p=p, size=size, replace=replace)
+
+        def uniform(self, lo=0.0, hi=1.0, size=None):
+            return np.log(10.0) if (lo, hi) == (np.log(2.0), np.log(24.0)) else self.r.uniform(lo, hi, size)
+
+    L, n = 24, 4000
+    xs = np.stack([C.kernel_synth(OnePeriodic(i), L, max_kernels=1) for i in range(n)]).astype(np.float64)
+    d = np.abs(np.arange(L)[:, None] - np.arange(L)[None, :])
+    k = np.exp(-0.5 * (d / 10.0) ** 2)
+    emp = xs.T @ xs / n
+    assert np.abs(emp - k).max() < 0.12  # sampling error of a 4000-draw covariance, entries <= 1
+
+
+def test_generators_are_finite_deterministic_and_sized():
+    for gen in (C.kernel_synth, C.procedural):
+        a = [gen(np.random.default_rng(s), 200) for s in range(20)]
+        b = [gen(np.random.default_rng(s), 200) for s in range(20)]
+        for x, y in zip(a, b):
+            assert x.shape == (200,) and x.dtype == np.float32 and np.isfinite(x).all()
+            np.testing.assert_array_equal(x, y)
+        assert np.std([x.std() for x in a]) > 0  # not all the same series
+
+
+def test_real_mix_uses_only_train_rows(tmp_path):
+    rows = 1000
+    vals = np.arange(rows, dtype=np.float64)[:, None] * np.array([[1.0, -1.0]]) + 5000.0
+    import pandas as pd
+
+    df = pd.DataFrame({"date": pd.date_range("2020", periods=rows, freq="h"), "a": vals[:, 0], "b": vals[:, 1]})
+    df.to_csv(tmp_path / "toy.csv", index=False)
+    import os
+
+    old = os.environ.get("TSPRUNE_DATA_DIR")
+    os.environ["TSPRUNE_DATA_DIR"] = str(tmp_path)
+    try:
+        series, desc = C.real_train_series(["toy", "no_such_file"])
+    finally:
+        os.environ.pop("TSPRUNE_DATA_DIR") if old is None else os.environ.__setitem__("TSPRUNE_DATA_DIR", old)
+    assert len(series) == 2 and len(desc) == 1
+    np.testing.assert_allclose(series[0], vals[:700, 0])  # 70% train split, nothing after it
+    assert "rows [0, 700)" in desc[0]
+
+
+def test_etth1_is_refused():
+    with pytest.raises(ValueError, match="ETTh1"):
+        C.real_train_series(["ETTh2", "ETTh1"])
+
+
+def test_corpus_mixture_and_short_contexts():
+    rng = np.random.default_rng(0)
+    real = [np.sin(np.arange(3000) / 7.0).astype(np.float32) + 2.0]
+    c = C.Corpus(120, 100, rng, real, pool_size=8, refresh=2, short_ctx=0.5)
+    w = c.sample(200)
+    assert w.shape == (200, 120) and w.dtype == np.float32
+    assert np.isfinite(w[:, 100:]).all()  # targets are never missing
+    nan_rows = np.isnan(w[:, :100]).any(1)
+    assert 0.3 < nan_rows.mean() < 0.7
+    for row in w[nan_rows]:  # missing values only as a left padding of the context
+        k = np.isnan(row).sum()
+        assert np.isnan(row[:k]).all() and np.isfinite(row[k:]).all() and 100 - k >= 32
+    assert (c.counts > 0).all() and c.counts.sum() == 200
+    assert C.Corpus(50, 40, rng, None, pool_size=2).weights[2] == 0.0  # no real data: no real share
+
+
+def test_pretrain_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from tsprune import pretrain as P
+
+    tiny = dict(d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=1, num_decoder_layers=1)
+    real_build = P.build_model
+    monkeypatch.setattr(P, "build_model", lambda overrides=None, seed=0: real_build(tiny, seed))
+    monkeypatch.setattr(P, "REAL_SOURCES", ())
+    ck = tmp_path / "c.pt"
+    m1, info1 = P.pretrain(ck, steps=3, batch=4, warmup=1, amp=False, pool_size=4)
+    assert info1["steps_done"] == 3 and info1["samples_seen"] == 12 and ck.is_file()
+    m2, info2 = P.pretrain(ck, steps=5, batch=4, warmup=1, amp=False, pool_size=4)
+    assert info2["steps_done"] == 5 and info2["samples_seen"] == 20
+    assert sum(info2["source_counts"].values()) == 20
+    log = (tmp_path / "c.pt.log.jsonl").read_text()
+    assert "resumed from" in log
+    # the resumed model started from the first run's weights, not from a fresh init
+    assert any(not torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
