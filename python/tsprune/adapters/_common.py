@@ -199,6 +199,17 @@ class PlanBuilder:
             self.plan.keep[key] = {"rows": rows, "cols": cols}
 
 
+# -- horizons ----------------------------------------------------------------------------------
+def trained_part(target: torch.Tensor, prediction_length: int) -> torch.Tensor:
+    """The steps a model trains on: target [B, H] -> [B, min(H, prediction_length)].
+
+    Every adapter trains at min(horizon, the model's prediction length) and rolls out beyond it at
+    forecast time (docs/METHOD.md "Horizons"), so a longer target keeps its first steps only."""
+    if target.ndim < 1 or target.shape[-1] < 1:
+        raise ValueError(f"target must have at least one step, got shape {tuple(target.shape)}")
+    return target[..., :prediction_length] if target.shape[-1] > prediction_length else target
+
+
 # -- module surgery ------------------------------------------------------------------------------
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")

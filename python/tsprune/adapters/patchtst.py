@@ -40,6 +40,7 @@ from ._common import (
     plan_ffn,
     refuse_repacked,
     resolve_block,
+    trained_part,
 )
 from .base import Adapter, Plan, Site
 
@@ -79,16 +80,23 @@ class PrunedPatchTSTAttention(PatchTSTAttention):
 
 @register
 class PatchTSTAdapter(Adapter):
-    """loss: MSE of the point forecast over the target's horizon (the model's own MSE loss; a
-    distribution head uses the model's own NLL and needs target length == prediction_length).
+    """loss: MSE of the point forecast over the first min(H, ``prediction_length``) target steps (the
+    model's own MSE loss; a distribution head uses the model's own NLL and needs at least
+    ``prediction_length`` target steps).
     predict: ``prediction_outputs`` (a distribution head: its mean); horizons beyond
-    ``prediction_length`` roll out by appending the forecast to the context."""
+    ``prediction_length`` roll out by appending the forecast to the context and forecasting again
+    from its last ``context_length`` values (transformers has no PatchTST pipeline of its own)."""
 
     family = "patchtst"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return isinstance(model, PatchTSTForPrediction)
+
+    @staticmethod
+    def prediction_length(model) -> int:
+        """Steps one forward pass forecasts (and the longest target the loss trains on)."""
+        return int(model.config.prediction_length)
 
     # -- structure ------------------------------------------------------------------------------
     @staticmethod
@@ -191,13 +199,15 @@ class PatchTSTAdapter(Adapter):
 
     def loss(self, model, context, target):
         p = model.config.prediction_length
+        target = trained_part(target, p)
         h = target.shape[-1]
-        if h > p:
-            raise ValueError(f"PatchTST loss: target length {h} exceeds prediction_length {p}")
         if model.distribution_output is None:
             return F.mse_loss(self._point(model, context)[:, :h], target)
         if h != p or context.shape[0] % model.config.num_input_channels:
-            raise ValueError("PatchTST NLL loss needs target length == prediction_length and a full channel pack")
+            raise ValueError(
+                f"PatchTST NLL loss: needs >= {p} target steps (got {h}) and a batch that is a multiple "
+                f"of num_input_channels {model.config.num_input_channels} (got {context.shape[0]})"
+            )
         out = model(past_values=self._context(model, context), future_values=self._pack(model, target))
         return out.loss
 

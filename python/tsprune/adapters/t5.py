@@ -47,6 +47,7 @@ from ._common import (
     plan_ffn,
     refuse_repacked,
     resolve_block,
+    trained_part,
 )
 from .base import Adapter, Plan, Site
 
@@ -261,9 +262,13 @@ def _median_index(quantiles) -> int:
 class ChronosBoltAdapter(T5Adapter):
     """Chronos-Bolt (``ChronosBoltModelForForecasting``): quantile loss, median point forecast.
 
-    loss: the model's own quantile loss; a target longer than ``prediction_length`` raises.
-    predict: the median quantile; horizons beyond ``prediction_length`` use Chronos-Bolt's own
-    autoregressive rollout (``ChronosBoltPipeline.predict``, quantile-expanded)."""
+    loss: the model's own quantile loss on the first min(H, ``prediction_length``) target steps (a
+    longer target trains on its first ``prediction_length`` steps, as the reference trains
+    Chronos-Bolt at its own prediction length).
+    predict: the median quantile; horizons beyond ``prediction_length`` go through Chronos-Bolt's own
+    autoregressive rollout (``ChronosBoltPipeline.predict``: every quantile of the first block is
+    appended to the context, the 9 x 9 continuations are reduced to 9 empirical quantiles, and so
+    on), so the result is exactly the pipeline's median."""
 
     family = "chronos-bolt"
 
@@ -275,25 +280,24 @@ class ChronosBoltAdapter(T5Adapter):
             return False
         return isinstance(model, ChronosBoltModelForForecasting)
 
+    @staticmethod
+    def prediction_length(model) -> int:
+        """Steps one forward pass forecasts (and the longest target the loss trains on)."""
+        return int(model.chronos_config.prediction_length)
+
     def loss(self, model, context, target):
-        p = model.chronos_config.prediction_length
-        if target.shape[-1] > p:
-            raise ValueError(
-                f"Chronos-Bolt loss: target length {target.shape[-1]} exceeds the model's "
-                f"prediction_length {p}; train on horizons <= {p}"
-            )
-        return model(context=context, target=target).loss
+        return model(context=context, target=trained_part(target, self.prediction_length(model))).loss
 
     @torch.no_grad()
     def predict(self, model, context, horizon):
-        p = model.chronos_config.prediction_length
+        p = self.prediction_length(model)
         mi = _median_index(model.chronos_config.quantiles)
         if horizon <= p:
             return model(context=context).quantile_preds[:, mi, :horizon]
         from chronos.chronos_bolt import ChronosBoltPipeline
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # the pipeline warns about horizons beyond its length
             q = ChronosBoltPipeline(model).predict(context, prediction_length=horizon)
         return q[:, mi, :horizon].to(device=context.device, dtype=context.dtype)
 
@@ -304,9 +308,11 @@ class ChronosAdapter(T5Adapter):
     T5ForConditionalGeneration of a Chronos checkpoint (its config carries ``chronos_config``).
 
     loss: cross-entropy on the tokenised target (Chronos' mean-scale bins; a target shorter than
-    ``prediction_length`` is padded with NaN = ignored tokens, a longer one raises).
+    ``prediction_length`` is padded with NaN = ignored tokens, a longer one trains on its first
+    ``prediction_length`` steps).
     predict: median over ``num_samples`` sampled paths (``ChronosPipeline.predict``, which rolls out
-    autoregressively beyond ``prediction_length``); stochastic, as the model is."""
+    autoregressively beyond ``prediction_length`` by appending the sample median to the context);
+    stochastic, as the model is (seed torch for a reproducible forecast)."""
 
     family = "chronos"
 
@@ -333,12 +339,15 @@ class ChronosAdapter(T5Adapter):
         cfg = ChronosConfig(**model.config.chronos_config)
         return model, cfg, ChronosModel(cfg, model)
 
+    def prediction_length(self, model) -> int:
+        """Steps one generate call forecasts (and the longest target the loss trains on)."""
+        return int(self._parts(model)[1].prediction_length)
+
     def loss(self, model, context, target):
         t5, cfg, _ = self._parts(model)
         p = cfg.prediction_length
+        target = trained_part(target, p)
         h = target.shape[-1]
-        if h > p:
-            raise ValueError(f"Chronos loss: target length {h} exceeds prediction_length {p}")
         if h < p:
             pad = torch.full((*target.shape[:-1], p - h), float("nan"), dtype=target.dtype, device=target.device)
             target = torch.cat([target, pad], dim=-1)

@@ -44,6 +44,7 @@ from ._common import (
     plan_ffn,
     refuse_repacked,
     resolve_block,
+    trained_part,
 )
 from .base import Adapter, Plan, Site
 
@@ -155,6 +156,11 @@ class _TimesFmBase(Adapter):
         super().__init__(model, block=block, heads=heads)
         self.freq = int(freq)
 
+    @staticmethod
+    def prediction_length(model) -> int:
+        """Steps one forward pass forecasts (``horizon_length``; the longest target the loss trains on)."""
+        return int(model.config.horizon_length)
+
     def _layers(self, model) -> list[str]:
         return [n for n, m in model.named_modules() if isinstance(m, self.layer_cls)]
 
@@ -234,9 +240,12 @@ class TimesFmAdapter(_TimesFmBase):
     """TimesFM 1.0 / 2.0 (``TimesFmModelForPrediction``).
 
     loss: the model's own loss, MSE of the mean forecast + quantile loss (a target shorter than
-    ``horizon_length`` compares the first steps with the same formula; longer raises).
-    predict: ``mean_predictions``; beyond ``horizon_length`` the forecast is appended to the context
-    and decoded again, as TimesFM's own decode loop does."""
+    ``horizon_length`` compares the first steps with the same formula; a longer one trains on its
+    first ``horizon_length`` steps).
+    predict: ``mean_predictions``; beyond ``horizon_length`` the mean forecast is appended to the
+    context and decoded again: the same numbers as the model's own decode loop
+    (``TimesFmModelForPrediction.forward`` with ``horizon_len`` = H, which decodes
+    ceil(H / horizon_length) output patches the same way)."""
 
     family = "timesfm"
     layer_cls = TimesFmDecoderLayer
@@ -265,9 +274,9 @@ class TimesFmAdapter(_TimesFmBase):
         return model(past_values=context, freq=freq, future_values=future)
 
     def loss(self, model, context, target):
-        h, p = target.shape[-1], model.config.horizon_length
-        if h > p:
-            raise ValueError(f"TimesFM loss: target length {h} exceeds horizon_length {p}")
+        p = model.config.horizon_length
+        target = trained_part(target, p)
+        h = target.shape[-1]
         if h == p:
             return self._forward(model, context, target).loss
         out = self._forward(model, context)
@@ -292,9 +301,11 @@ if TimesFm2_5ModelForPrediction is not None:
     class TimesFm2_5Adapter(_TimesFmBase):
         """TimesFM 2.5 (``TimesFm2_5ModelForPrediction``).
 
-        loss: the model's own loss (normalised MSE of the median + quantile loss; targets up to
-        ``horizon_length``). predict: ``mean_predictions`` (the ``decode_index`` quantile); beyond
-        ``horizon_length`` the forecast is appended to the context and decoded again."""
+        loss: the model's own loss (normalised MSE of the median + quantile loss) on the first
+        min(H, ``horizon_length``) target steps.
+        predict: ``mean_predictions`` (the ``decode_index`` quantile); beyond ``horizon_length`` the
+        forecast is appended to the context and decoded again (transformers' TimesFM 2.5 forecasts
+        at most ``horizon_length`` steps itself; this is the 1.0/2.0 decode loop's rule)."""
 
         family = "timesfm2.5"
         layer_cls = TimesFm2_5DecoderLayer
@@ -322,9 +333,7 @@ if TimesFm2_5ModelForPrediction is not None:
             plan.attrs[ap] = {"num_heads": len(hp.heads), "head_dim": hp.qk_dim or att.head_dim, "v_head_dim": hp.v_dim}
 
         def loss(self, model, context, target):
-            h, p = target.shape[-1], model.config.horizon_length
-            if h > p:
-                raise ValueError(f"TimesFM 2.5 loss: target length {h} exceeds horizon_length {p}")
+            target = trained_part(target, self.prediction_length(model))
             return model(past_values=context, future_values=target).loss
 
         @torch.no_grad()
