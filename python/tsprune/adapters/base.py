@@ -104,6 +104,10 @@ class Adapter:
     """Base class; one subclass per model family (one file each in tsprune/adapters/)."""
 
     family: str = ""
+    #: "module:QualName" of every model class this adapter handles: the fixed registry from which
+    #: ``load_pruned`` / ``load_model`` take a model class (imported lazily, only these strings).
+    #: Built-in families that leave it empty get theirs from adapters._BUILTIN_MODEL_CLASSES.
+    model_classes: tuple[str, ...] = ()
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
