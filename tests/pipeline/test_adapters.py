@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import pytest
@@ -45,6 +45,7 @@ class Case:
     kill_heads: str  # a mask whose zeroing removes every head of one layer
     kill_ffn: str  # a mask whose zeroing removes one whole FFN
     block: int = 4  # FFN block of the adapter in these tests
+    loss_kw: dict = field(default_factory=dict)  # extra keyword arguments of adapter.loss
 
 
 def _chronos_bolt() -> nn.Module:
@@ -171,6 +172,32 @@ def _timesfm_output(model, context):
     return get_adapter(model).predict(model, context, 16)
 
 
+def _chronos2(**kw) -> nn.Module:
+    from chronos.chronos2 import Chronos2CoreConfig, Chronos2Model
+
+    torch.manual_seed(0)
+    # chronos-2 (120M) shape (d_model 768, 12 heads of 64, d_ff 3072, 12 layers, patch 16, 21 quantiles,
+    # REG token, arcsinh), scaled down; SDPA attention, the model's default (eager: test_chronos2.py)
+    cc = dict(
+        context_length=64, input_patch_size=8, input_patch_stride=8, output_patch_size=8, max_output_patches=2,
+        quantiles=[0.01, 0.05] + [round(0.1 * i, 1) for i in range(1, 10)] + [0.95, 0.99],
+        use_reg_token=True, use_arcsinh=True,
+    )
+    cfg = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, dropout_rate=0.0,
+               initializer_factor=0.3, attn_implementation="sdpa", chronos_config=cc)
+    cfg.update(kw)
+    return Chronos2Model(Chronos2CoreConfig(**cfg)).eval()
+
+
+# two groups of series: group attention mixes series 0-1 and 2-4
+C2_GROUPS = torch.tensor([0, 0, 1, 1, 1])
+
+
+@torch.no_grad()
+def _chronos2_output(model, context):
+    return model(context=context, group_ids=C2_GROUPS, num_output_patches=2).quantile_preds
+
+
 CASES = {
     "chronos-bolt": Case(
         "chronos-bolt", _chronos_bolt, _bolt_inputs, _bolt_output,
@@ -206,6 +233,12 @@ CASES = {
         "timesfm2.5", _timesfm25, _ts_inputs, _timesfm_output,
         kill_heads="model.layers.0.self_attn.o_proj.in",
         kill_ffn="model.layers.1.mlp.fc2.in",
+    ),
+    "chronos2": Case(
+        "chronos2", _chronos2, _ts_inputs, _chronos2_output,
+        kill_heads="encoder.block.1.layer.1.self_attention.v.out",
+        kill_ffn="encoder.block.0.layer.2.mlp.wo.in",
+        loss_kw={"group_ids": C2_GROUPS},  # without groups, group attention's q/k get no gradient
     ),
 }
 
@@ -289,7 +322,7 @@ def _check_repack(case, heads, dtype, seed):
     assert not is_masked(new)
     assert_exact(_forward(case, new, ctx), ref)
     with torch.no_grad():
-        assert_exact(ad.loss(new, ctx, tgt), ad.loss(model, ctx, tgt))
+        assert_exact(ad.loss(new, ctx, tgt, **case.loss_kw), ad.loss(model, ctx, tgt, **case.loss_kw))
     assert n_params(new) < n_params(model)
     return model, new, plan, ad, masks, ctx
 
@@ -369,7 +402,7 @@ def test_masks_get_gradients_through_loss(name):
     masks = {k: v.requires_grad_(True) for k, v in ones_masks(sites).items()}
     attach_masks(model, sites, masks)
     ctx, tgt = case.inputs(torch.Generator().manual_seed(8))
-    loss = ad.loss(model, ctx, tgt)
+    loss = ad.loss(model, ctx, tgt, **case.loss_kw)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     nonzero = 0
