@@ -23,6 +23,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from .ops._checks import SIZE_MAX, as_int
 from .ops.scores import ema_update_, fisher_score, taylor2_score, taylor_score
 from .ops.select import _prune_lowest_checked_
 
@@ -62,7 +63,9 @@ class ScoreArena:
                 raise ValueError(f"ScoreArena: duplicate mask name {name!r}")
             if int(units) < 1 or int(block) < 1:
                 raise ValueError(f"ScoreArena: mask {name!r} needs units >= 1 and block >= 1, got {units}, {block}")
-            self.slots[name] = Slot(name, off, int(units), int(block))
+            units = as_int("ScoreArena", f"units of mask {name!r}", units, 1, SIZE_MAX)
+            block = as_int("ScoreArena", f"block of mask {name!r}", block, 1, SIZE_MAX)
+            self.slots[name] = Slot(name, off, units, block)
             off += int(units)
         if not self.slots:
             raise ValueError("ScoreArena: no masks")
@@ -162,6 +165,13 @@ class ScoreArena:
         the live units whose importance is exactly 0; never more than leaves ``min_live`` units
         (zero-importance units are pruned regardless). Zeroes the accumulators afterwards.
 
+        k: any int >= 0 (more than the live units prunes down to ``min_live``); min_live >= 0.
+
+        A refused step (NaN / Inf in the accumulated gradients or in ``score``) raises ValueError
+        and discards the macro-batch: it zeroes the accumulators and changes nothing else (masks,
+        importance and step count stay as they were), so the arena is usable again at once - the
+        caller goes on with the next macro-batch (or stops); no ``zero_grad_()`` call is needed.
+
         Host syncs: one finite check (when ``check_finite``), one count of live units, the prune."""
         if (ratio is None) == (k is None):
             raise ValueError("ScoreArena.step: give exactly one of ratio or k")
@@ -169,15 +179,27 @@ class ScoreArena:
             raise ValueError(f"ScoreArena.step: ratio must be in [0, 1], got {ratio}")
         if not 0.0 <= ema <= 1.0:
             raise ValueError(f"ScoreArena.step: ema must be in [0, 1], got {ema}")
+        if k is not None:
+            k = as_int("ScoreArena.step", "k", k, 0, None)  # capped to the live units below
+        min_live = as_int("ScoreArena.step", "min_live", min_live, 0, None)
+        skipped = ("; this macro-batch was skipped: the accumulators were zeroed, masks and importance "
+                   "are unchanged, and the arena is ready for the next macro-batch")
         if score is None:
+            if criterion not in CRITERIA:
+                self.scores(criterion)  # raises naming the criteria
             if check_finite:
-                self.check_finite()
+                try:
+                    self.check_finite()
+                except ValueError as e:
+                    self.zero_grad_()
+                    raise ValueError(f"{e}{skipped}") from None
             s = self.scores(criterion)
         else:
             if score.shape != self.imp.shape:
                 raise ValueError(f"ScoreArena.step: score has shape {tuple(score.shape)}, arena has ({self.n_units},)")
             if check_finite and not bool(torch.isfinite(score).all()):
-                raise ValueError("ScoreArena.step: the given score contains NaN or Inf")
+                self.zero_grad_()
+                raise ValueError(f"ScoreArena.step: the given score contains NaN or Inf{skipped}")
             s = score.to(self.imp.dtype)
         live = self.mask != 0
         if self.steps == 0:
@@ -186,8 +208,8 @@ class ScoreArena:
             ema_update_(self.imp, s, ema)
         self.imp.mul_(live)
         n_live = int(live.sum())
-        kk = int(k) if k is not None else math.ceil(ratio * n_live - 1e-12)
-        kk = max(0, min(kk, n_live - int(min_live)))
+        kk = k if k is not None else math.ceil(ratio * n_live - 1e-12)
+        kk = max(0, min(kk, n_live - min_live))
         # imp is finite here (checked inputs, EMA of finite values): skip prune_lowest_'s own check
         n = _prune_lowest_checked_(self.mask, self.imp, kk)
         self.steps += 1

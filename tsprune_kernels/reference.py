@@ -54,7 +54,16 @@ def _per_sample_block_sums(prod: Tensor, tokens_per_sample: int, block: int) -> 
     return prod.view(t // tokens_per_sample, tokens_per_sample, c // block, block).sum((1, 3))
 
 
-_TINY = 1e-20  # below this a mask entry counts as zero: its gradient is recomputed, not divided out
+# Below |m| (or m not finite) a mask entry counts as zero: its unit's gradient is recomputed, not
+# divided out of y. It follows the activations' dtype (docs/KERNELS.md), on every backend: fp16
+# activations go subnormal far earlier than fp32 / bf16 / fp64 ones.
+_ZERO_TH = {torch.float16: 1e-4}
+_ZERO_TH_DEFAULT = 1e-20
+
+
+def zero_threshold(dtype: torch.dtype) -> float:
+    """|mask| below which a unit's gradient is recomputed, for activations of ``dtype``."""
+    return _ZERO_TH.get(dtype, _ZERO_TH_DEFAULT)
 
 
 def _mask_grad_per_sample(known, other, mask, block, tps, acc_t, recompute_cols):
@@ -65,7 +74,7 @@ def _mask_grad_per_sample(known, other, mask, block, tps, acc_t, recompute_cols)
     returns the missing factor (y_pre or dxm) for those channels only."""
     m = mask.to(acc_t)
     per = _per_sample_block_sums(known.to(acc_t) * other.to(acc_t), tps, block)
-    zero = ~(m.abs() >= _TINY)  # also catches NaN
+    zero = ~(m.abs() >= zero_threshold(known.dtype))  # also catches NaN
     per = per / torch.where(zero, torch.ones_like(m), m)
     if bool(zero.any()):
         units = zero.nonzero().flatten()
@@ -118,6 +127,49 @@ def masked_linear_bwd(
         dbias = apply_block_mask(gy.sum(0), mask_out, block_out)
     return (
         dx if need_x else None,
+        dweight,
+        dbias,
+        dmask_in if need_mask_in else None,
+        dmask_out if need_mask_out else None,
+    )
+
+
+def masked_linear_bwd_direct(
+    gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
+    need_x, need_weight, need_bias, need_mask_in, need_mask_out,
+    acc_in, acc_out, sq_in, sq_out,
+):
+    """Backward by the formula, no division by mask values: the path of every backend when a
+    dimension is empty (tokens T = 0, samples = 0, K = 0 or N = 0), where it matches F.linear's
+    gradients (zeros / empty tensors). Same signature and returns as masked_linear_bwd."""
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t = x.shape[0]
+    xm = apply_block_mask(x, mask_in, block_in)
+    gym = apply_block_mask(gy, mask_out, block_out)
+    dx = dweight = dbias = dmask_in = dmask_out = None
+
+    def per_sample(prod, block):  # [T, C] -> [samples, units]; no tokens: nothing to add
+        units = prod.shape[1] // block
+        if t == 0 or tokens_per_sample <= 0:
+            return prod.new_zeros((0, units), dtype=acc_t)
+        return _per_sample_block_sums(prod.to(acc_t), tokens_per_sample, block)
+
+    if mask_in is not None and (need_mask_in or acc_in is not None or sq_in is not None):
+        per = per_sample((gym @ weight).to(acc_t) * x.to(acc_t), block_in)
+        dmask_in = per.sum(0)
+        _accumulate(acc_in, sq_in, dmask_in, per)
+    if mask_out is not None and (need_mask_out or acc_out is not None or sq_out is not None):
+        per = per_sample(gy.to(acc_t) * F.linear(xm, weight, bias).to(acc_t), block_out)
+        dmask_out = per.sum(0)
+        _accumulate(acc_out, sq_out, dmask_out, per)
+    if need_x:
+        dx = apply_block_mask(gym @ weight, mask_in, block_in)
+    if need_weight:
+        dweight = gym.t() @ xm
+    if need_bias:
+        dbias = gym.sum(0)
+    return (
+        dx,
         dweight,
         dbias,
         dmask_in if need_mask_in else None,

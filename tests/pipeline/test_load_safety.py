@@ -419,16 +419,16 @@ def test_sigkill_during_save_leaves_nothing_for_the_next_save(saved, tmp_path):
     here = os.path.dirname(__file__)
     out = tmp_path / "m"
     save_pruned(saved[1], out)  # an existing save, kept intact through the kill
-    for _ in range(2):
-        script = _KILL_SCRIPT.format(paths=paths, testdir=here, d_model=32, d_ff=64, out=str(out))
-        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        try:
-            assert p.stdout.readline().strip() == "writing"
-        finally:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-    left = [n.name for n in tmp_path.iterdir() if n.name.startswith(".m.tmp-")]
-    assert len(left) == 1  # the second writer removed the first one's; its own is left
+    (tmp_path / f".m.old-{_dead_pid()}").mkdir()  # a half-deleted old copy: the writer removes it
+    script = _KILL_SCRIPT.format(paths=paths, testdir=here, d_model=32, d_ff=64, out=str(out))
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"  # weights written, killed before the swap
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    left = [n.name for n in tmp_path.iterdir() if n.name.startswith(".m.")]
+    assert sorted(n[:7] for n in left) == [".m.lock", ".m.tmp-"], left  # the killed writer's temp dir
     load_pruned(out)  # the previous save is untouched
     save_pruned(saved[1], out)
     assert sorted(n.name for n in tmp_path.iterdir()) == [".m.lock", "m"]

@@ -11,12 +11,14 @@ held on ctx as references and updated in place by the backward op.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from ._checks import SIZE_MAX, as_int
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -38,6 +40,8 @@ def masked_linear_fwd(
     block_out: int,
 ) -> Tensor:
     """x [T, K] -> y [T, N] (2-D; the wrapper flattens leading dims)."""
+    if x.shape[0] == 0 or x.shape[1] == 0 or weight.shape[0] == 0:  # empty: F.linear semantics
+        return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
     backend = _backend.choose("masked_linear", x.device).backend
     if backend == "triton":
         return _backend.triton_impl().masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
@@ -84,7 +88,9 @@ def masked_linear_bwd(
         need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out,
     )
     backend = _backend.choose("masked_linear", x.device).backend
-    if backend == "triton":
+    if x.shape[0] == 0 or x.shape[1] == 0 or weight.shape[0] == 0:  # empty dims, every backend
+        outs = reference.masked_linear_bwd_direct(*args)
+    elif backend == "triton":
         outs = _backend.triton_impl().masked_linear_bwd(*args)
     elif backend == "cpp":
         outs = _backend._C.masked_linear_bwd(gy.contiguous(), *args[1:])
@@ -112,11 +118,12 @@ class _MaskedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask_in, mask_out, block_in, block_out, accs):
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(math.prod(lead), x.shape[-1])  # explicit: -1 is ambiguous when K == 0
         y2 = masked_linear_fwd(x2, weight, bias, mask_in, mask_out, block_in, block_out)
         ctx.save_for_backward(x2, weight, bias, y2, mask_in, mask_out)
         ctx.blocks = (block_in, block_out)
-        ctx.tokens_per_sample = x2.shape[0] // lead[0] if len(lead) >= 1 and lead[0] > 0 else max(x2.shape[0], 1)
+        # tokens per sample (x's first dim is the sample dim); 0 for x of shape [S, 0, K]
+        ctx.tokens_per_sample = x2.shape[0] // lead[0] if len(lead) >= 1 and lead[0] > 0 else 0
         ctx.accs = accs
         ctx.x_shape = x.shape
         return y2.view(*lead, weight.shape[0])
@@ -126,7 +133,7 @@ class _MaskedLinear(torch.autograd.Function):
         x2, weight, bias, y2, mask_in, mask_out = ctx.saved_tensors
         acc_in, acc_out, sq_in, sq_out = ctx.accs
         need = ctx.needs_input_grad
-        gy2 = gy.reshape(-1, gy.shape[-1])
+        gy2 = gy.reshape(x2.shape[0], gy.shape[-1])
         if gy2.dtype != x2.dtype:
             gy2 = gy2.to(x2.dtype)
         # A mask with an accumulator sends its gradient there only (its .grad stays None).
@@ -150,8 +157,9 @@ class _MaskedLinear(torch.autograd.Function):
 # -- validation + public entry -------------------------------------------------------------------
 
 def _check_mask(name: str, m: Optional[Tensor], features: int, block: int, x: Tensor) -> None:
-    if not isinstance(block, int) or block < 1:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"masked_linear: block for {name} must be a positive int, got {block!r}")
+    as_int("masked_linear", f"block for {name}", block, 1, SIZE_MAX)
     if features % block:
         raise ValueError(
             f"masked_linear: {features} {'input' if name == 'mask_in' else 'output'} features are not "
@@ -216,6 +224,10 @@ def masked_linear(
     leading dims). A mask with an accumulator sends its gradient there only (its ``.grad`` stays
     None). Backward must reach this op: x, weight or bias needs grad, or a mask has
     ``requires_grad`` (ScoreArena's views do, for exactly that reason).
+
+    Empty dimensions (no samples, no tokens per sample, K = 0 or N = 0) work in forward and
+    backward on every backend and give what F.linear gives (zeros / empty gradients; the mask
+    gradients of an empty batch are 0 and leave accumulators unchanged).
 
     Documented behaviour: NaN / Inf in x or in the incoming gradient propagate into outputs and
     accumulators (ScoreArena.step raises on them); non-contiguous x / weight are copied.

@@ -8,17 +8,18 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from ._checks import SIZE_MAX, as_int
 
 _BLOCK_OPS = ("sum", "mean", "l2", "max")
-
 
 def block_reduce(scores: Tensor, block: int, op: str = "sum") -> Tensor:
     """``[..., F] -> [..., F // block]``: reduce each run of ``block`` consecutive entries of the last
     dim with ``op`` in sum / mean / l2 (sqrt of the sum of squares) / max (of the raw values)."""
     if op not in _BLOCK_OPS:
         raise ValueError(f"block_reduce: op must be one of {', '.join(_BLOCK_OPS)}, got {op!r}")
-    if not isinstance(block, int) or block < 1:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block_reduce: block must be a positive int, got {block!r}")
+    as_int("block_reduce", "block", block, 1, SIZE_MAX)
     if scores.dim() < 1 or scores.shape[-1] % block:
         raise ValueError(
             f"block_reduce: last dim {scores.shape[-1] if scores.dim() else 0} of shape "
@@ -60,6 +61,7 @@ def magnitude_score(weight: Tensor, dim: int = 0, block: int = 1) -> Tensor:
         raise ValueError(f"magnitude_score: weight must be 2-D, got shape {tuple(weight.shape)}")
     if dim not in (0, 1):
         raise ValueError(f"magnitude_score: dim must be 0 (rows) or 1 (columns), got {dim}")
+    as_int("magnitude_score", "block", block, 1, SIZE_MAX)
     if weight.shape[dim] % block:
         raise ValueError(f"magnitude_score: {weight.shape[dim]} channels not divisible by block {block}")
     return reference.magnitude_score(weight, dim, block)
@@ -73,6 +75,7 @@ def wanda_score(act_sq: Tensor, weight: Tensor, block: int = 1) -> Tensor:
             f"wanda_score: act_sq shape {tuple(act_sq.shape)} must be ({weight.shape[1]},) for weight "
             f"{tuple(weight.shape)}"
         )
+    as_int("wanda_score", "block", block, 1, SIZE_MAX)
     if weight.shape[1] % block:
         raise ValueError(f"wanda_score: {weight.shape[1]} input channels not divisible by block {block}")
     return reference.wanda_score(act_sq, weight, block)

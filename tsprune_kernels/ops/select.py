@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from ._checks import as_int
 
 
 def global_kth_smallest(tensors: Sequence[Tensor] | Tensor, k: int, ignore_zeros: bool = True) -> Tensor:
@@ -26,8 +27,10 @@ def global_kth_smallest(tensors: Sequence[Tensor] | Tensor, k: int, ignore_zeros
         raise TypeError(f"global_kth_smallest: tensors must share one float dtype, got {sorted(map(str, dtypes))}")
     if len(devices) != 1:
         raise ValueError(f"global_kth_smallest: tensors on several devices: {sorted(map(str, devices))}")
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"global_kth_smallest: k must be an int, got {type(k).__name__}")
+    total = sum(t.numel() for t in tensors)
+    k = as_int("global_kth_smallest", "k", k, -(2**64), None)  # TypeError for a non-int
+    if not 1 <= k <= total:  # the backend then checks k against the count of candidates
+        raise ValueError(f"global_kth_smallest: k={k} is out of range [1, {total}] (number of values)")
     backend = _backend.choose("global_kth_smallest", tensors[0].device).backend
     if backend == "triton":
         return _backend.triton_impl().kth_smallest_abs(tensors, k, ignore_zeros)
@@ -52,16 +55,16 @@ def prune_lowest_(arena_or_mask, k: int, imp: Tensor | None = None) -> int:
         mask = arena_or_mask
     if mask.shape != imp.shape or mask.dim() != 1:
         raise ValueError(f"prune_lowest_: mask {tuple(mask.shape)} and scores {tuple(imp.shape)} must be equal 1-D")
-    if int(k) < 0:
-        raise ValueError(f"prune_lowest_: k must be >= 0, got {k}")
+    k = as_int("prune_lowest_", "k", k, 0, None)  # any k >= 0; more than the live units prunes them all
     if not bool(torch.isfinite(imp).all()):
         raise ValueError("prune_lowest_: scores contain NaN or Inf")
-    return _prune_lowest_checked_(mask, imp, int(k))
+    return _prune_lowest_checked_(mask, imp, min(k, mask.numel()))
 
 
 def _prune_lowest_checked_(mask: Tensor, imp: Tensor, k: int) -> int:
     """prune_lowest_ on inputs already validated (equal 1-D shapes, k >= 0, finite scores);
     ScoreArena.step calls it after its own checks so the scores are not scanned twice."""
+    k = min(int(k), mask.numel())  # the kernels take int64
     backend = _backend.choose("prune_lowest_", mask.device).backend
     if backend == "triton":
         return _backend.triton_impl().prune_lowest_(mask, imp, int(k))

@@ -47,13 +47,8 @@ from .. import reference
 from ._util import cfg, configs, dot_precision, interpreting, upcast_dot
 
 # |m| below this (or m not finite): the unit's output-side gradient is recomputed, not y / m.
-# fp16 activations lose relative precision (subnormals) far earlier than fp32 / bf16 ones.
-_ZERO_TH = {torch.float16: 1e-4}
-_ZERO_TH_DEFAULT = 1e-20
-
-
-def zero_threshold(dtype: torch.dtype) -> float:
-    return _ZERO_TH.get(dtype, _ZERO_TH_DEFAULT)
+# One table for every backend (reference.zero_threshold; the C++ kernel has the same values).
+zero_threshold = reference.zero_threshold
 
 
 # ---------------------------------------------------------------------------------------------
