@@ -23,6 +23,7 @@ _HF_ARCHS = {
     "TimesFmModelForPrediction": "transformers.models.timesfm.modeling_timesfm:TimesFmModelForPrediction",
     "TimesFm2_5ModelForPrediction":
         "transformers.models.timesfm2_5.modeling_timesfm2_5:TimesFm2_5ModelForPrediction",
+    "Chronos2Model": "chronos.chronos2.model:Chronos2Model",
 }
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -44,7 +45,7 @@ def _from_hf_dir(d: pathlib.Path, trust_remote_code: bool = False) -> nn.Module:
     if not isinstance(archs, list):
         raise ValueError(f"load_model: {f} field 'architectures' must be a list, got {type(archs).__name__}")
     arch = archs[0] if archs else None
-    if isinstance(cfg.get("chronos_config"), dict):  # Chronos checkpoints
+    if arch not in _HF_ARCHS and isinstance(cfg.get("chronos_config"), dict):  # older Chronos configs
         bolt = (isinstance(arch, str) and "Bolt" in arch) or "input_patch_size" in cfg["chronos_config"]
         arch = "ChronosBoltModelForForecasting" if bolt else "T5ForConditionalGeneration"
     if not isinstance(arch, str) or arch not in _HF_ARCHS:
