@@ -193,7 +193,8 @@ def _remove_stale(parent: pathlib.Path, name: str) -> list[str]:
 
 class _DirLock:
     """Exclusive lock on ``parent/.NAME.lock`` (fcntl.flock: between processes and between threads,
-    each holding its own open file). Without fcntl (Windows) the swap retries instead."""
+    each holding its own open file). Without fcntl (not POSIX) saves into one directory are not
+    serialised: tsprune's supported platforms are POSIX."""
 
     def __init__(self, parent: pathlib.Path, name: str):
         self.path = parent / f".{name}.lock"
@@ -319,6 +320,11 @@ def save_pruned(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         with _DirLock(out.parent, out.name):
+            if out.is_dir() and not (out / "meta.json").is_file() and any(out.iterdir()):
+                raise FileExistsError(
+                    f"save_pruned: {out} exists and is not a tsprune save (no meta.json); "
+                    "refusing to replace it - choose another directory or remove it"
+                )
             if out.is_dir():
                 old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
                 os.replace(out, old / out.name)  # move the previous save aside, inside a fresh dir

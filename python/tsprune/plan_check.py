@@ -20,7 +20,7 @@ _MAX = 2**31 - 1
 
 # attribute names of attention modules in the supported families
 _HEADS = ("n_heads", "num_heads")
-_QK_DIM = ("key_value_proj_dim", "head_dim")
+_QK_DIM = ("key_value_proj_dim", "kv_proj_dim", "head_dim")
 _PROJ = {"q": ("q", "q_proj"), "k": ("k", "k_proj"), "v": ("v", "v_proj"), "o": ("o", "o_proj", "out_proj")}
 
 
@@ -220,6 +220,7 @@ def _check_consistency(w, s: dict, model: nn.Module, shapes: dict) -> None:
     bias_heads = _dict(w, "extra.bias_heads", extra.get("bias_heads", {}))
     tables = _dict(w, "extra.bias_tables", extra.get("bias_tables", {}))
     ffn = _dict(w, "extra.ffn", extra.get("ffn", {}))
+    rope = _dict(w, "extra.rope_pairs", extra.get("rope_pairs", {}))
     n_orig_heads: dict[str, int] = {}
     for ap, spec in attrs.items():
         mod = model.get_submodule(ap)
@@ -252,6 +253,18 @@ def _check_consistency(w, s: dict, model: nn.Module, shapes: dict) -> None:
                 w.fail(f"{f}.{name}", f"{spec[name]} != {h} heads x {dqk}")
         if ap in heads_x:
             _index_list(w, f"extra.heads.{ap}", heads_x[ap], orig_h, length=h, ascending=True)
+        if "orig_head_dim" in spec and spec["orig_head_dim"] != getattr(mod, "head_dim", None):
+            w.fail(f"{f}.orig_head_dim", f"{spec['orig_head_dim']} is not the model's head_dim "
+                                         f"{getattr(mod, 'head_dim', None)}")
+        if f"{ap}.scaling" in params and params[f"{ap}.scaling"] != [h * dqk]:
+            w.fail(f"params.{ap}.scaling", f"{params[f'{ap}.scaling']} != [{h} heads x {dqk}]")
+        if ap in rope:  # Chronos-2: per head, the kept rotary pairs (ascending, each once)
+            orig_d = getattr(mod, qn)
+            f_r = f"extra.rope_pairs.{ap}"
+            if not isinstance(rope[ap], list) or len(rope[ap]) != h:
+                w.fail(f_r, f"expected a list of {h} heads")
+            for i, js in enumerate(rope[ap]):
+                _index_list(w, f"{f_r}[{i}]", js, orig_d // 2, length=dqk // 2, ascending=True)
     for ap in heads_x:
         if ap not in attrs:
             w.fail(f"extra.heads.{ap}", "names no module listed in attrs")

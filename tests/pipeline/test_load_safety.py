@@ -370,6 +370,21 @@ def test_saved_files_follow_the_umask(saved, tmp_path):
     assert (tmp_path / "u").stat().st_mode & 0o777 == 0o750
 
 
+def test_save_never_replaces_a_directory_that_is_not_a_save(saved, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not a tsprune save"):
+        save_pruned(saved[1], tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.lock", "mine"]  # temp dir removed
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        save_pruned(saved[1], tmp_path / "f")
+    (tmp_path / "empty").mkdir()
+    save_pruned(saved[1], tmp_path / "empty")  # an empty directory is fine
+    load_pruned(tmp_path / "empty")
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -460,3 +475,31 @@ def test_concurrent_writers_all_succeed_and_the_result_loads(saved, tmp_path):
     assert json.loads((out / "meta.json").read_text())["extra"]["writer"] in range(6)
     with torch.no_grad():
         assert torch.equal(back(context=_ctx()).quantile_preds, new(context=_ctx()).quantile_preds)
+
+
+# -- other families: their per-layer extras are checked too --------------------------------------
+def _family_save(name, tmp_path):
+    import test_adapters as ta  # the families' scaled-down builders (tests/pipeline is on sys.path)
+
+    case = ta.CASES[name]
+    _, new, plan, _, _, _ = ta._check_repack(case, False, torch.float32, seed=900)
+    save_pruned(new, tmp_path / "m", plan)
+    load_pruned(tmp_path / "m")  # valid as saved
+    return tmp_path / "m", plan
+
+
+def test_timesfm_orig_head_dim_and_scaling_are_checked(tmp_path):
+    d, plan = _family_save("timesfm", tmp_path)
+    ap = next(iter(plan.attrs))
+    _edit(d, "plan.json", lambda p: p["attrs"][ap].update(orig_head_dim=p["attrs"][ap]["orig_head_dim"] + 1))
+    _refused(d, "plan.json", f"'attrs.{ap}.orig_head_dim'")
+    _edit(d, "plan.json", lambda p: p["attrs"][ap].update(orig_head_dim=p["attrs"][ap]["orig_head_dim"] - 1))
+    _edit(d, "plan.json", lambda p: p["params"].update({f"{ap}.scaling": [p["params"][f"{ap}.scaling"][0] + 1]}))
+    _refused(d, "plan.json", f"'params.{ap}.scaling'")
+
+
+def test_chronos2_rope_pairs_permuted_is_refused(tmp_path):
+    d, plan = _family_save("chronos2", tmp_path)
+    ap, pairs = next((a, p) for a, p in plan.extra["rope_pairs"].items() if p and len(p[0]) > 1)
+    _edit(d, "plan.json", lambda p: p["extra"]["rope_pairs"][ap].__setitem__(0, pairs[0][::-1]))
+    _refused(d, "plan.json", f"'extra.rope_pairs.{ap}[0]'", "ascending")
