@@ -198,6 +198,27 @@ def _chronos2_output(model, context):
     return model(context=context, group_ids=C2_GROUPS, num_output_patches=2).quantile_preds
 
 
+def _patchtsmixer(**kw) -> nn.Module:
+    from transformers import PatchTSMixerConfig, PatchTSMixerForPrediction
+
+    torch.manual_seed(0)
+    # TTM / PatchTSMixer shape (context 512, patch 64, d_model 3 x patch, expansion 2, gated attention,
+    # common_channel), scaled down; with the optional patch self-attention and a larger init
+    cfg = dict(
+        context_length=64, patch_length=8, patch_stride=8, prediction_length=16, num_input_channels=1,
+        d_model=16, expansion_factor=2, num_layers=3, dropout=0.0, head_dropout=0.0, gated_attn=True,
+        self_attn=True, self_attn_heads=2, mode="common_channel", scaling="std", norm_mlp="LayerNorm",
+        init_std=0.2,
+    )
+    cfg.update(kw)
+    return PatchTSMixerForPrediction(PatchTSMixerConfig(**cfg)).eval()
+
+
+@torch.no_grad()
+def _mixer_output(model, context):
+    return get_adapter(model)._point(model, context)
+
+
 CASES = {
     "chronos-bolt": Case(
         "chronos-bolt", _chronos_bolt, _bolt_inputs, _bolt_output,
@@ -239,6 +260,17 @@ CASES = {
         kill_heads="encoder.block.1.layer.1.self_attention.v.out",
         kill_ffn="encoder.block.0.layer.2.mlp.wo.in",
         loss_kw={"group_ids": C2_GROUPS},  # without groups, group attention's q/k get no gradient
+    ),
+    "patchtsmixer": Case(
+        "patchtsmixer", _patchtsmixer, _ts_inputs, _mixer_output,
+        kill_heads="model.encoder.mlp_mixer_encoder.mixers.1.patch_mixer.self_attn_layer.v_proj.out",
+        kill_ffn="model.encoder.mlp_mixer_encoder.mixers.2.feature_mixer.mlp.fc2.in",
+    ),
+    "patchtsmixer-3ch-mix": Case(  # 3 packed channels, channel-independent; channel mixing below
+        "patchtsmixer-3ch-mix", lambda: _patchtsmixer(num_input_channels=3, expansion_factor=4, norm_mlp="BatchNorm"),
+        _ts_inputs, _mixer_output,
+        kill_heads="model.encoder.mlp_mixer_encoder.mixers.0.patch_mixer.self_attn_layer.out_proj.in",
+        kill_ffn="model.encoder.mlp_mixer_encoder.mixers.1.patch_mixer.mlp.fc1.out",
     ),
 }
 

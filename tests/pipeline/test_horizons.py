@@ -26,7 +26,10 @@ from tsprune.adapters import get_adapter
 
 warnings.filterwarnings("ignore", message=".*compiled CPU extension not loaded.*")
 
-FAMILIES = ["chronos-bolt", "chronos", "chronos-t5", "patchtst", "patchtst-3ch", "timesfm", "timesfm2.5", "chronos2"]
+FAMILIES = [
+    "chronos-bolt", "chronos", "chronos-t5", "patchtst", "patchtst-3ch", "timesfm", "timesfm2.5",
+    "chronos2", "patchtsmixer",
+]
 # Chronos-2 forecasts H <= p with ceil(H / patch) output patches (as Chronos2Pipeline does); its future
 # patches attend to each other, so a shorter forecast is a prefix of a longer one only patch by patch
 PATCH = {"chronos2": 8}
@@ -163,7 +166,7 @@ def test_timesfm_rollout_is_its_own_decode_loop():
         torch.testing.assert_close(got, own, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["patchtst", "patchtst-3ch", "timesfm2.5"])
+@pytest.mark.parametrize("name", ["patchtst", "patchtst-3ch", "timesfm2.5", "patchtsmixer"])
 def test_rollout_appends_the_forecast_and_forecasts_again(name):
     """No own pipeline in transformers: step p + j is the j-th step of the forecast made from the
     context extended by the first p forecast steps (last context_length values)."""

@@ -82,7 +82,7 @@ def _load_builtin() -> None:
     # Imported lazily so that `import tsprune` does not import every model package.
     import importlib
 
-    for mod in ("t5", "patchtst", "timesfm", "chronos2"):
+    for mod in ("t5", "patchtst", "timesfm", "chronos2", "patchtsmixer"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:  # the adapter file or its model package is absent

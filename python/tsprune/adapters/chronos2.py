@@ -247,7 +247,9 @@ class Chronos2Adapter(Adapter):
             return None
         g = torch.as_tensor(group_ids, device=device)
         if g.shape != (b,) or g.dtype.is_floating_point:
-            raise ValueError(f"Chronos-2: group_ids must be an integer tensor of shape ({b},), got {tuple(g.shape)} {g.dtype}")
+            raise ValueError(
+                f"Chronos-2: group_ids must be an integer tensor of shape ({b},), got {tuple(g.shape)} {g.dtype}"
+            )
         return g.long()
 
     def loss(self, model, context, target, group_ids=None):
