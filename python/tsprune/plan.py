@@ -415,7 +415,7 @@ def load_pruned(
     if meta.get("config_class", cq) != cq:
         wm.fail("config_class", f"{meta['config_class']!r} is not the config class of {mc} (expected {cq!r})")
     sd_ = meta.get("storage_dtype")
-    if sd_ is not None and sd_ not in _STORAGE_DTYPES:
+    if sd_ is not None and (not isinstance(sd_, str) or sd_ not in _STORAGE_DTYPES):
         wm.fail("storage_dtype", f"{sd_!r} is not one of {', '.join(_STORAGE_DTYPES)} or null")
 
     config_d, plan_d = read_json("config.json"), read_json("plan.json")  # syntax only, nothing used yet

@@ -79,10 +79,23 @@ def _submodule(w: Where, field: str, model: nn.Module, path) -> nn.Module:
 
 
 # -- meta.json ----------------------------------------------------------------------------------
+META_FIELDS = ("format", "format_version", "tsprune_version", "model_class", "config_class", "family",
+               "aliases", "n_params", "storage_dtype", "sha256", "extra")
+
+
 def check_meta_types(w: Where, meta: Any) -> dict:
-    """Types of meta.json's fields (versions and model class are checked by the caller)."""
+    """Types of meta.json's fields (versions and model class are checked by the caller). From
+    format 2 on every field save_pruned writes must be there, and no other."""
     if not isinstance(meta, dict):
         raise ValueError(f"load_pruned: {w.path} must be a JSON object, got {type(meta).__name__}")
+    fv = meta.get("format_version")
+    if _is_int(fv) and fv >= 2:
+        for f in META_FIELDS:
+            if f not in meta:
+                w.fail(f, "missing")
+        for f in meta:
+            if f not in META_FIELDS:
+                w.fail(f, f"unknown field (expected {', '.join(META_FIELDS)})")
     for f in ("format", "tsprune_version", "model_class", "family"):
         if f in meta and not isinstance(meta[f], str):
             w.fail(f, f"expected a string, got {type(meta[f]).__name__}")
@@ -111,8 +124,8 @@ def check_plan(w: Where, d: Any, model: nn.Module, family: str) -> None:
     shapes = _check_linears(w, sections["linears"], model)
     _check_attrs(w, sections["attrs"], model)
     _check_params(w, sections["params"], model)
-    _check_keep(w, sections["keep"], model)
     _check_consistency(w, sections, model, shapes)
+    _check_keep(w, sections["keep"], model, sections["linears"], sections["params"])
 
 
 def _check_linears(w, linears: dict, model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -180,20 +193,40 @@ def _check_params(w, params: dict, model: nn.Module) -> None:
             w.fail(f, f"shape {shape} has more elements than the whole model ({total})")
 
 
-def _check_keep(w, keep: dict, model: nn.Module) -> None:
+def _check_keep(w, keep: dict, model: nn.Module, linears: dict, params: dict) -> None:
+    """keep is provenance (load does not use it): types, ranges, and lengths that agree with the
+    planned shapes of its Linear (linears) or parameter (params)."""
     sd = model.state_dict()
     for key, spec in keep.items():
         f = f"keep.{key}"
         if key not in sd:
             w.fail(f, f"the model has no tensor {key!r}")
         spec = _dict(w, f, spec)
+        for k in spec:
+            if k not in ("rows", "cols"):
+                w.fail(f"{f}.{k}", "unknown field (expected rows, cols)")
         t = sd[key]
+        path, _, leaf = key.rpartition(".")
+        if key in params:
+            sizes = params[key]
+        elif path in linears and leaf in ("weight", "bias"):
+            sizes = [linears[path]["out"], linears[path]["in"]][: t.dim()]
+        else:
+            w.fail(f, "names a tensor that neither linears nor params plans")
         for side, dim in (("rows", 0), ("cols", 1)):
             v = spec.get(side)
             if v is not None:
                 if dim >= t.dim():
                     w.fail(f"{f}.{side}", f"tensor {key!r} is {t.dim()}-D")
-                _index_list(w, f"{f}.{side}", v, t.shape[dim], unique=False)  # a gather may repeat
+                # a gather may repeat an index (TimesFM's per-head query scaling)
+                _index_list(w, f"{f}.{side}", v, t.shape[dim], length=sizes[dim], unique=False)
+
+
+def _get(model: nn.Module, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _attr(spec: dict, mod: nn.Module, names: tuple[str, ...]):
@@ -248,11 +281,17 @@ def _check_consistency(w, s: dict, model: nn.Module, shapes: dict) -> None:
             w.fail(f"{f}.{hn}", f"{h} heads x {qn} {dqk} = {h * dqk} but q/k have {q_out}/{k_out} outputs")
         if not (v_out == o_in == h * dv):
             w.fail(f"{f}.{hn}", f"{h} heads x v_head_dim {dv} = {h * dv} but v has {v_out} outputs, o {o_in} inputs")
-        for name in ("inner_dim", "q_size", "kv_size"):
-            if name in spec and spec[name] != h * dqk:
-                w.fail(f"{f}.{name}", f"{spec[name]} != {h} heads x {dqk}")
-        if ap in heads_x:
-            _index_list(w, f"extra.heads.{ap}", heads_x[ap], orig_h, length=h, ascending=True)
+        for name in ("inner_dim", "q_size", "kv_size"):  # given, or the module's own (unchanged)
+            v = spec.get(name, getattr(mod, name, None))
+            if _is_int(v) and v != h * dqk:
+                w.fail(f"{f}.{name}", f"{v} != {h} heads x {dqk}" + ("" if name in spec else " (missing)"))
+        if ap not in heads_x:
+            w.fail(f"extra.heads.{ap}", "missing: every attention module in attrs lists its kept heads")
+        _index_list(w, f"extra.heads.{ap}", heads_x[ap], orig_h, length=h, ascending=True)
+        tm = f"{ap.split('.block.')[0]}.block.0.layer.0.SelfAttention"
+        if ap.endswith("SelfAttention") and ".block." in ap and \
+                getattr(_get(model, tm), "has_relative_attention_bias", False) and ap not in bias_heads:
+            w.fail(f"extra.bias_heads.{ap}", "missing: a T5 self-attention takes its position-bias heads from it")
         if "orig_head_dim" in spec and spec["orig_head_dim"] != getattr(mod, "head_dim", None):
             w.fail(f"{f}.orig_head_dim", f"{spec['orig_head_dim']} is not the model's head_dim "
                                          f"{getattr(mod, 'head_dim', None)}")
@@ -268,6 +307,11 @@ def _check_consistency(w, s: dict, model: nn.Module, shapes: dict) -> None:
     for ap in heads_x:
         if ap not in attrs:
             w.fail(f"extra.heads.{ap}", "names no module listed in attrs")
+    for key in params:
+        if key.endswith(".relative_attention_bias.weight"):
+            tm = key[: -len(".relative_attention_bias.weight")]
+            if tm not in tables:
+                w.fail(f"extra.bias_tables.{tm}", f"missing: params resizes {key!r}")
     for tm, cols in tables.items():
         key = f"{tm}.relative_attention_bias.weight"
         if key not in params:

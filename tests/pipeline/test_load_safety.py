@@ -207,6 +207,27 @@ def test_plan_bias_heads_permuted(copy):
     _refused(copy, "plan.json", f"'extra.bias_heads.{ENC1}'", "does not select this layer's heads")
 
 
+def test_plan_bias_heads_or_heads_deleted(copy):
+    """Without its bias_heads a T5 layer would silently get a zero position bias."""
+    _edit(copy, "plan.json", lambda p: p["extra"]["bias_heads"].pop(ENC1) and None)
+    _refused(copy, "plan.json", f"'extra.bias_heads.{ENC1}'", "missing")
+
+
+def test_plan_heads_deleted(copy):
+    _edit(copy, "plan.json", lambda p: p["extra"].pop("heads") and None)
+    _refused(copy, "plan.json", "'extra.heads.", "missing")
+
+
+def test_plan_keep_lengths_agree_with_linears(copy):
+    _edit(copy, "plan.json", lambda p: p["keep"][f"{FFN1}.wi.weight"]["rows"].pop() and None)
+    _refused(copy, "plan.json", f"'keep.{FFN1}.wi.weight.rows'", "expected 52")
+
+
+def test_meta_fields_missing_or_unknown(copy):
+    _edit(copy, "meta.json", lambda m: m.pop("n_params") and None)
+    _refused(copy, "meta.json", "'n_params'", "missing")
+
+
 def test_plan_edit_without_rehash_fails_the_checksum(copy):
     _edit(copy, "plan.json", lambda p: p["extra"]["bias_heads"].update({ENC1: p["extra"]["bias_heads"][ENC1][::-1]}),
           rehash=False)
