@@ -1,26 +1,40 @@
-"""The ``tsprune`` command: prune, finetune, evaluate, and run (all three settings in one go).
+"""The ``tsprune`` command: prune, finetune, evaluate, and run (all settings and baselines in one go).
 
     tsprune run --data ETTh1 --horizon 96 --out runs/etth1      # zero-shot, fine-tune, prune-then-finetune
+    tsprune run --search --seeds 3 --out runs/s                 # grid chosen on validation, 3 seeds
     tsprune prune --model default --data ETTh1 --out runs/p     # calibrate + repack + save
     tsprune finetune --model runs/p/pruned_model --data ETTh1 --out runs/f
     tsprune evaluate --model runs/f/model --data ETTh1
     torchrun --nproc_per_node=2 -m tsprune prune --data ETTh1 --out runs/p   # data-parallel calibration
 
 Stage of the flow: glue only. Reads a model (models.py) and a task (data.py), drives the Pruner and
-the loops (train.py), writes results (JSON + markdown table + sparsity heatmap) atomically.
+the loops (train.py), scores the baselines (baselines.py), writes results (JSON + markdown table +
+sparsity heatmap) atomically. Every bad option is refused at parse time, every file problem ends
+as one line ``tsprune CMD: error: ...`` with exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
+import math
 import os
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
 
 import torch
+
+# Fine-tune defaults, from benchmarks/sweep_finetune.py on the embedded default model (ETTh1 h96;
+# table in benchmarks/results/sweep_finetune.md).
+FT_LR = 3e-3
+FT_STEPS = 1200  # lr 3e-3, 1200 steps: best validation MSE of the sweep (0.9356 vs zero-shot 1.048)
+FT_BATCH = 128
+FT_WARMUP = 0.05
+FT_EVAL_EVERY = 200
 
 
 def _log(msg: str) -> None:
@@ -30,23 +44,90 @@ def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
+def _atomic(path: pathlib.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # like any other file (mkstemp makes 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    _atomic(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (pathlib.Path,)):
+        return str(o)
+    try:
+        return float(o)
+    except (TypeError, ValueError):
+        return str(o)
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _atomic(path, text)
 
 
+# --------------------------------------------------------------------------------------------------
+# checks before any work
+# --------------------------------------------------------------------------------------------------
+def check_out_dir(spec: str, option: str = "--out") -> pathlib.Path:
+    """Make sure ``spec`` is (or can become) a writable directory, before any work starts: creates
+    it and writes + removes a probe file. Raises ValueError naming the option and the path."""
+    p = pathlib.Path(spec).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{option} {p}: exists and is not a directory")
+    q = p
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if q.exists() and not q.is_dir():
+        raise ValueError(f"{option} {p}: {q} is a file, not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tsprune-write-check-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{option} {p}: cannot write there ({e.strerror or type(e).__name__}"
+                         f"{': ' + e.filename if e.filename else ''})") from None
+    return p
+
+
+def _load(spec: str):
+    """load_model, with every failure as one clean error naming the model."""
+    from .models import load_model
+
+    try:
+        return load_model(spec)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except (OSError, ValueError) as e:
+        msg = str(e)
+        raise type(e)(msg if spec in msg or "default" == spec else f"--model {spec}: {msg}") from None
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one line naming the model
+        raise ValueError(f"--model {spec}: cannot load ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# task, metrics
+# --------------------------------------------------------------------------------------------------
 def _default_data() -> str:
     from .data import resolve_csv
 
@@ -62,9 +143,13 @@ def _task(a, model):
 
     lookback = a.lookback or _context_length(model)
     data = a.data or _default_data()
-    _log(f"data: {data}, lookback {lookback}, horizon {a.horizon}")
-    return make_task(data, lookback, a.horizon, data_dir=a.data_dir, max_train_windows=a.max_train_windows,
+    task = make_task(data, lookback, a.horizon, data_dir=a.data_dir, max_train_windows=a.max_train_windows,
                      max_eval_windows=a.max_eval_windows)
+    cap = getattr(a, "max_val_windows", None)
+    if cap:
+        task.val = task.val.capped(cap)
+    _log(task.describe())
+    return task
 
 
 def _context_length(model) -> int:
@@ -78,167 +163,347 @@ def _context_length(model) -> int:
     return 512
 
 
-def _pruner_kwargs(a, n_train: int) -> dict:
-    return dict(criterion=a.criterion, ema=a.ema, block=a.block, heads=a.heads,
-                prune_ratio_per_epoch=a.prune_ratio_per_epoch, macro_batch_size=a.macro_batch_size,
-                samples_per_epoch=n_train, max_prune_ratio=a.max_prune_ratio, residual=a.residual)
-
-
 def _metrics(model, adapter, ds, a) -> dict:
+    """Test metrics of one model: every window of ``ds`` (or the cap), timed after warm-up."""
     from .models import n_params
     from .train import evaluate
 
-    t = time.time()
-    m = evaluate(model, adapter, ds, a.batch_size, progress=a.progress)
-    return {"mse": m["mse"], "mae": m["mae"], "n_windows": m["n"], "params": n_params(model),
-            "eval_seconds": round(time.time() - t, 2)}
+    m = evaluate(model, adapter, ds, a.eval_batch_size, progress=a.progress, amp=a.amp)
+    return {"mse": m["mse"], "mae": m["mae"], "params": n_params(model), "n_windows": m["windows"],
+            "test_windows": m["windows"], "test_windows_available": ds.n_available,
+            "n_values": m["values"], "eval_seconds": round(m["seconds"], 2),
+            "ms_per_window": m["ms_per_window"]}
 
 
-def _prune(model, task, a, out: pathlib.Path):
+def _val_mse(model, adapter, ds, a) -> float:
+    """Validation MSE of one candidate (what --search ranks by)."""
+    from .train import evaluate
+
+    return float(evaluate(model, adapter, ds, a.eval_batch_size, amp=a.amp, warmup=False)["mse"])
+
+
+# --------------------------------------------------------------------------------------------------
+# the stages
+# --------------------------------------------------------------------------------------------------
+def _prune(model, task, a, out: pathlib.Path, *, ratio=None, ema=None, seed=None, heatmap=True):
     """Calibrate with masks, repack, check exactness; returns (pruned model, report dict)."""
     from . import distributed as D
     from .plots import sparsity_heatmap
     from .pruner import Pruner
-    from .train import calibrate, mean_loss
+    from .train import calibrate, loss_name, mean_loss
 
+    ratio = a.prune_ratio_per_epoch if ratio is None else ratio
+    ema = a.ema if ema is None else ema
+    seed = a.seed if seed is None else seed
     ddp = D.is_dist()  # under torchrun: data-parallel calibration, the model on this rank's device
     if ddp:
         model.to(D.comm_device())
-    pruner = Pruner(model, **_pruner_kwargs(a, len(task.train)))
+    train = task.train  # --calib-windows caps the calibration epoch (never raises --max-train-windows)
+    if a.calib_windows and a.calib_windows < len(train):
+        train = train.capped(a.calib_windows)
+    if len(train) < len(task.train):
+        _log(f"calibrate: {len(train):,} of {len(task.train):,} train windows per epoch (--calib-windows)")
+    pruner = Pruner(model, criterion=a.criterion, ema=ema, block=a.block, heads=a.heads,
+                    prune_ratio_per_epoch=ratio, macro_batch_size=a.macro_batch_size,
+                    samples_per_epoch=len(train), max_prune_ratio=a.max_prune_ratio, residual=a.residual)
+    _log(f"calibrate: criterion {a.criterion}, prune ratio per epoch {ratio:g}, ema {ema:g}, "
+         f"macro-batch {a.macro_batch_size}, at most {a.calib_epochs} epochs, cap {a.max_prune_ratio:.0%} of units")
     t = time.time()
-    cal = calibrate(model, pruner, task.train, task.val, epochs=a.calib_epochs, batch_size=a.batch_size,
-                    patience=a.patience, val_tolerance=a.val_tolerance, seed=a.seed,
-                    progress=a.progress and D.is_main(), log=_log)
+    cal = calibrate(model, pruner, train, task.val, epochs=a.calib_epochs, batch_size=a.batch_size,
+                    patience=a.patience, val_tolerance=a.val_tolerance, seed=seed,
+                    progress=a.progress and D.is_main(), log=_log, eval_batch_size=a.eval_batch_size)
     calib_s = time.time() - t
-    masked_val = mean_loss(model, pruner.adapter, task.val, a.batch_size, distributed=ddp)
+    masked_val = mean_loss(model, pruner.adapter, task.val, a.eval_batch_size, distributed=ddp)
     small = pruner.repack()
     pruner.detach()
-    repacked_val = mean_loss(small, pruner.adapter, task.val, a.batch_size, distributed=ddp)
+    repacked_val = mean_loss(small, pruner.adapter, task.val, a.eval_batch_size, distributed=ddp)
     if ddp:
         small.cpu()  # fine-tuning, evaluation and saving run on the CPU, as in one process
-    heat = (sparsity_heatmap(pruner.sites, pruner.sparsity_by_site(), out / "sparsity.png",
-                             title=f"{task.name}: units pruned per layer / module")
-            if D.is_main() else out / "sparsity.png")  # files: rank 0 only
+    heat = None
+    if heatmap:
+        heat = (sparsity_heatmap(pruner.sites, pruner.sparsity_by_site(), out / "sparsity.png",
+                                 title=f"{task.name}: units pruned per layer / module")
+                if D.is_main() else out / "sparsity.png")  # files: rank 0 only
+    _HEAT[id(small)] = (pruner.sites, pruner.sparsity_by_site())
+    frac = pruner.pruned_fraction()
     report = {
-        "pruned_units_fraction": pruner.pruned_fraction(),
+        "pruned_units_fraction": frac,
+        "nothing_pruned": frac == 0.0,
         "best_epoch": cal.best_epoch,
+        "kept_because": cal.reason,
         "calibration": cal.history,
+        "calibration_notes": cal.notes,
+        "macro_batch_size": cal.macro_batch_size,
         "calibration_seconds": round(calib_s, 2),
         "calibration_windows": cal.windows,
-        "calibration_windows_per_second": round(cal.windows / calib_s, 1),
+        "calibration_windows_per_second": round(cal.windows / max(calib_s, 1e-9), 1),
+        "loss": loss_name(pruner.adapter),
         "val_loss_masked": masked_val,
         "val_loss_repacked": repacked_val,
-        "heatmap": str(heat),
+        "heatmap": str(heat) if heat else None,
         "sparsity_by_mask": pruner.sparsity_by_site(),
+        "prune_ratio_per_epoch": ratio,
+        "ema": ema,
     }
     if ddp:
         report["distributed"] = {"world_size": D.world_size(), "backend": str(torch.distributed.get_backend()),
                                  **pruner.comm.stats}
-    _log(f"pruned {report['pruned_units_fraction']:.1%} of units; val loss masked {masked_val:.5f} "
-         f"vs repacked {repacked_val:.5f}")
+    _log(f"pruned {frac:.1%} of units; val {report['loss']} masked {masked_val:.5f} vs repacked "
+         f"{repacked_val:.5f} (must agree)")
+    if frac == 0.0:
+        _log("WARNING: NOTHING WAS PRUNED: the pruned model is the original one "
+             f"({cal.reason}). Raise --prune-ratio-per-epoch / --calib-epochs or --val-tolerance.")
     return small, report
 
 
-def _finetune(model, adapter, task, a):
+_HEAT: dict[int, tuple] = {}  # id(pruned model) -> (sites, sparsity) for a heatmap drawn later
+
+
+def _finetune(model, adapter, task, a, *, lr=None, seed=None, log=_log):
     from .train import finetune
 
-    return finetune(model, adapter, task.train, task.val, epochs=a.ft_epochs, lr=a.lr,
-                    batch_size=a.batch_size, patience=a.patience, max_steps=a.ft_max_steps,
-                    seed=a.seed, progress=a.progress, log=_log)
+    return finetune(model, adapter, task.train, task.val, epochs=a.ft_epochs or 0,
+                    steps=None if a.ft_epochs else a.ft_steps, max_steps=a.ft_max_steps,
+                    lr=a.lr if lr is None else lr, batch_size=a.batch_size, patience=a.ft_patience,
+                    warmup=a.warmup, schedule=a.schedule, eval_every=a.eval_every, select=a.select,
+                    weight_decay=a.weight_decay, amp=a.amp, eval_batch_size=a.eval_batch_size,
+                    seed=a.seed if seed is None else seed, progress=a.progress, log=log)
+
+
+def _brief(h: dict) -> dict:
+    """A fine-tune history without the per-check list (for search records)."""
+    return {k: v for k, v in h.items() if k != "history"}
+
+
+def _mean_std(rows: list[dict]) -> dict:
+    out = {}
+    for k in ("mse", "mae"):
+        v = [r[k] for r in rows]
+        out[k] = statistics.mean(v)
+        out[f"{k}_std"] = statistics.stdev(v) if len(v) > 1 else 0.0
+    return out
+
+
+def _grids(a):
+    ft = [{"lr": lr} for lr in (a.grid_lr if a.search else [a.lr])]
+    ptf = [{"prune_ratio_per_epoch": r, "ema": e, "lr": lr}
+           for r, e, lr in itertools.product(a.grid_prune_ratio if a.search else [a.prune_ratio_per_epoch],
+                                             a.grid_ema if a.search else [a.ema],
+                                             a.grid_lr if a.search else [a.lr])]
+    return ft, ptf
 
 
 def cmd_run(a) -> dict:
+    """zero-shot, fine-tune, prune-then-finetune and both baselines on one task; results table."""
     from . import distributed as D
     from .adapters import get_adapter
-    from .models import load_model
+    from .baselines import run_baselines
     from .plan import save_pruned
     from .plots import results_table
 
+    if D.is_dist() and (a.search or a.seeds > 1):
+        raise ValueError("--search and --seeds > 1 are not supported under torchrun yet (run them in one process)")
     out = pathlib.Path(a.out)
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        check_out_dir(a.out)
     t0 = time.time()
-    base = load_model(a.model)
+    base = _load(a.model)
     adapter = get_adapter(base)
     task = _task(a, base)
-    _log(task.summary() if hasattr(task, "summary") else str(task))
+    pre = None
     if D.is_dist():  # data-parallel calibration on every rank first; the rest runs on rank 0 alone
         pr = copy.deepcopy(base)
-        small, rep = _prune(pr, task, a, out)
+        pre = _prune(pr, task, a, out)
         del pr
         if not D.is_main():
             return {}
-    results: dict = {"config": {**{k: v for k, v in vars(a).items() if k != "func"}, "data": task.name}}
+    results: dict = {"config": {**{k: v for k, v in vars(a).items() if k != "func"}, "data": task.name},
+                     "task": task.summary()}
+    seeds = [a.seed + i for i in range(a.seeds)]
+    ft_grid, ptf_grid = _grids(a)
+    search = {"metric": "validation MSE", "val_windows": len(task.val),
+              "val_windows_available": task.val.n_available, "finetune": [], "prune_finetune": []}
 
     results["zero_shot"] = _metrics(base, adapter, task.test, a)
-    _log(f"zero-shot: {results['zero_shot']}")
+    _log(f"zero-shot: test MSE {results['zero_shot']['mse']:.4f}, MAE {results['zero_shot']['mae']:.4f}")
+    results["baselines"] = run_baselines(task)
+    for k, v in results["baselines"].items():
+        _log(f"baseline {k}: test MSE {v['mse']:.4f}, MAE {v['mae']:.4f}, {v['params']:,} params")
 
-    ft = copy.deepcopy(base)
-    ft_hist = _finetune(ft, adapter, task, a)
-    results["finetune"] = {**_metrics(ft, adapter, task.test, a), "train": ft_hist}
-    _log(f"finetune: mse {results['finetune']['mse']:.4f}")
-    del ft
+    # --- fine-tune: every candidate trained with the first seed, ranked by validation MSE
+    best_ft = None
+    for i, c in enumerate(ft_grid):
+        if len(ft_grid) > 1:
+            _log(f"search fine-tune {i + 1}/{len(ft_grid)}: lr {c['lr']:g}")
+        m = copy.deepcopy(base)
+        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
+        v = _val_mse(m, adapter, task.val, a)
+        search["finetune"].append({**c, "val_mse": v, "train": _brief(h)})
+        if len(ft_grid) > 1:
+            _log(f"search fine-tune lr {c['lr']:g}: val MSE {v:.4f}")
+        if best_ft is None or v < best_ft[0]:
+            best_ft = (v, c, m, h)
+        del m
+    v, c, m, h = best_ft
+    runs = [{"seed": seeds[0], **_metrics(m, adapter, task.test, a), "val_mse": v, "train": h}]
+    del best_ft, m
+    for s in seeds[1:]:
+        m = copy.deepcopy(base)
+        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=s)
+        runs.append({"seed": s, **_metrics(m, adapter, task.test, a), "val_mse": _val_mse(m, adapter, task.val, a),
+                     "train": h})
+        del m
+    results["finetune"] = _setting(runs, c)
+    _log(f"finetune (lr {c['lr']:g}): test MSE {results['finetune']['mse']:.4f}"
+         + (f" ± {results['finetune']['mse_std']:.4f} over {len(seeds)} seeds" if len(seeds) > 1 else ""))
 
-    if not D.is_dist():
+    # --- prune-then-finetune: one calibration per (ratio, ema), every lr fine-tuned on its result
+    best_p = None
+    pairs: dict[tuple, tuple] = {}
+    for i, c in enumerate(ptf_grid):
+        key = (c["prune_ratio_per_epoch"], c["ema"])
+        if key not in pairs:
+            if pre is not None:
+                pairs[key] = pre
+            else:
+                pr = copy.deepcopy(base)
+                pairs = {key: _prune(pr, task, a, out, ratio=key[0], ema=key[1], seed=seeds[0],
+                                     heatmap=False)}  # keep one calibration in memory at a time
+                del pr
+        small, rep = pairs[key]
+        if len(ptf_grid) > 1:
+            _log(f"search prune-then-finetune {i + 1}/{len(ptf_grid)}: ratio {key[0]:g}, ema {key[1]:g}, lr {c['lr']:g}")
+        m = copy.deepcopy(small)
+        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
+        v = _val_mse(m, adapter, task.val, a)
+        search["prune_finetune"].append({**c, "val_mse": v, "pruned_units_fraction": rep["pruned_units_fraction"],
+                                         "train": _brief(h)})
+        if len(ptf_grid) > 1:
+            _log(f"search prune-then-finetune ratio {key[0]:g}, ema {key[1]:g}, lr {c['lr']:g}: val MSE {v:.4f}")
+        if best_p is None or v < best_p[0]:
+            best_p = (v, c, m, h, rep, small)
+        del m
+    del pairs
+    v, c, m, h, rep, small_pick = best_p
+    del best_p
+    from .plots import sparsity_heatmap  # the picked calibration's heatmap
+
+    runs = [{"seed": seeds[0], **_metrics(m, adapter, task.test, a), "val_mse": v, "train": h, "prune": rep}]
+    keep_model = m
+    for s in seeds[1:]:
         pr = copy.deepcopy(base)
-        small, rep = _prune(pr, task, a, out)
+        sm, rp = _prune(pr, task, a, out, ratio=c["prune_ratio_per_epoch"], ema=c["ema"], seed=s, heatmap=False)
         del pr
-    ft_hist = _finetune(small, adapter, task, a)
-    results["prune_finetune"] = {**_metrics(small, adapter, task.test, a), "prune": rep, "train": ft_hist}
-    save_pruned(small, out / "pruned_model", extra={"data": task.name, "horizon": a.horizon})
+        h2 = _finetune(sm, adapter, task, a, lr=c["lr"], seed=s)
+        runs.append({"seed": s, **_metrics(sm, adapter, task.test, a), "val_mse": _val_mse(sm, adapter, task.val, a),
+                     "train": h2, "prune": rp})
+        del sm
+    results["prune_finetune"] = _setting(runs, c)
+    results["prune_finetune"]["prune"] = rep
+    results["prune_finetune"]["pruned_units_fraction"] = statistics.mean(
+        r["prune"]["pruned_units_fraction"] for r in runs)
+    results["nothing_pruned"] = any(r["prune"]["nothing_pruned"] for r in runs)
+    if pre is None:  # the picked calibration's heatmap
+        sites, sparsity = _HEAT[id(small_pick)]
+        rep["heatmap"] = str(sparsity_heatmap(sites, sparsity, out / "sparsity.png",
+                                              title=f"{task.name}: units pruned per layer / module"))
+    _HEAT.clear()
+    del small_pick
+    zp = results["zero_shot"]["params"]
+    for k in ("zero_shot", "finetune", "prune_finetune"):
+        results[k]["params_removed_fraction"] = 1.0 - results[k]["params"] / zp
+    results["zero_shot"]["pruned_units_fraction"] = results["finetune"]["pruned_units_fraction"] = 0.0
+    _log(f"prune-then-finetune (ratio {c['prune_ratio_per_epoch']:g}, ema {c['ema']:g}, lr {c['lr']:g}): "
+         f"test MSE {results['prune_finetune']['mse']:.4f}, {results['prune_finetune']['params']:,} params")
+    if a.search:
+        search["picked"] = {"finetune": results["finetune"]["hyper"], "prune_finetune": results["prune_finetune"]["hyper"]}
+        results["search"] = search
+    save_pruned(keep_model, out / "pruned_model", extra={"data": task.name, "horizon": a.horizon})
     results["seconds"] = round(time.time() - t0, 1)
     _write_json(out / "results.json", results)
     table = results_table(results)
-    _write_text(out / "results.md", f"# tsprune run: {task.name}, horizon {a.horizon}\n\n{table}\n")
+    head = (f"# tsprune run: {task.name}, horizon {a.horizon}, lookback {task.lookback}\n\n"
+            f"Test MSE / MAE on scaled values; {len(seeds)} seed(s)"
+            + (", settings picked by validation MSE (--search)" if a.search else "") + ".\n\n")
+    if results["nothing_pruned"]:
+        head += "**WARNING: nothing was pruned: the prune-then-finetune model is unpruned.**\n\n"
+    _write_text(out / "results.md", f"{head}{table}\n")
     print(table)
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'sparsity.png'}, {out / 'pruned_model'}")
+    if results["nothing_pruned"]:
+        print("\nWARNING: nothing was pruned (results.json: nothing_pruned = true)")
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'sparsity.png'}, {out / 'pruned_model'} "
+          f"({results['seconds']:.0f} s)")
     return results
 
 
+def _setting(runs: list[dict], hyper: dict) -> dict:
+    """One row of results.json from its per-seed runs: mean metrics (and std with seeds)."""
+    first = runs[0]
+    row = {k: first[k] for k in ("mse", "mae", "params", "n_windows", "test_windows", "test_windows_available",
+                                 "n_values", "eval_seconds", "ms_per_window", "val_mse")}
+    row["train"] = first["train"]
+    row["hyper"] = hyper
+    if len(runs) > 1:
+        row.update(_mean_std(runs))
+        row["val_mse"] = statistics.mean(r["val_mse"] for r in runs)
+        row["seeds"] = [{"seed": r["seed"], "mse": r["mse"], "mae": r["mae"], "val_mse": r["val_mse"]} for r in runs]
+    return row
+
+
 def cmd_prune(a) -> dict:
+    """calibrate masks on a task, repack to a smaller model, save it."""
     from . import distributed as D
-    from .models import load_model, n_params
+    from .models import n_params
     from .plan import save_pruned
 
     out = pathlib.Path(a.out)
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    model = load_model(a.model)
+        check_out_dir(a.out)
+    model = _load(a.model)
     task = _task(a, model)
     before = n_params(model)
     small, rep = _prune(model, task, a, out)
-    rep.update(params_before=before, params_after=n_params(small))
+    rep.update(params_before=before, params_after=n_params(small),
+               params_removed_fraction=1.0 - n_params(small) / before)
     if D.is_main():  # under torchrun every rank holds the same pruned model; rank 0 writes it
         save_pruned(small, out / "pruned_model", extra={"data": task.name})
         _write_json(out / "prune.json", rep)
-        print(f"params {before:,} -> {rep['params_after']:,}; saved {out / 'pruned_model'}")
+        print(f"params {before:,} -> {rep['params_after']:,} ({rep['params_removed_fraction']:.1%} removed, "
+              f"{rep['pruned_units_fraction']:.1%} of units pruned); saved {out / 'pruned_model'}")
     D.barrier("final barrier (rank 0 writing the results)")  # a failed write fails every rank
     return rep
 
 
 def cmd_finetune(a) -> dict:
+    """fine-tune a model (e.g. a pruned one) on a task, keep the best on validation, save it."""
     from .adapters import get_adapter
-    from .models import load_model
     from .plan import save_pruned
 
     out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_model(a.model)
+    check_out_dir(a.out)
+    model = _load(a.model)
     adapter = get_adapter(model)
     task = _task(a, model)
     hist = _finetune(model, adapter, task, a)
     res = {**_metrics(model, adapter, task.test, a), "train": hist}
     save_pruned(model, out / "model", extra={"data": task.name, "finetuned": True})
     _write_json(out / "finetune.json", res)
-    print(f"test mse {res['mse']:.4f} mae {res['mae']:.4f}; saved {out / 'model'}")
+    print(f"test MSE {res['mse']:.4f} MAE {res['mae']:.4f} on {_windows(res)}; saved {out / 'model'}")
     return res
 
 
-def cmd_evaluate(a) -> dict:
-    from .adapters import get_adapter
-    from .models import load_model
+def _windows(r: dict) -> str:
+    n, m = r["test_windows"], r["test_windows_available"]
+    return f"{n:,} test windows" if n == m else f"{n:,} of {m:,} test windows"
 
-    model = load_model(a.model)
+
+def cmd_evaluate(a) -> dict:
+    """test MSE / MAE of a model on a task (every test window unless capped)."""
+    from .adapters import get_adapter
+
+    if a.out:
+        check_out_dir(a.out)
+    model = _load(a.model)
     task = _task(a, model)
     res = _metrics(model, get_adapter(model), task.test, a)
     print(json.dumps(res, indent=1))
@@ -247,56 +512,174 @@ def cmd_evaluate(a) -> dict:
     return res
 
 
+# --------------------------------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Parse errors as ONE line naming the option (``tsprune run: error: argument --x: ...``)."""
+
+    def error(self, message):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _num(kind, lo=None, hi=None, lo_open=False, hi_open=False, none_word=None):
+    """argparse type: a number of ``kind`` in [lo, hi] (open ends with *_open); ``none_word``
+    (e.g. "all") parses to None."""
+
+    def parse(s: str):
+        if none_word is not None and s.strip().lower() == none_word:
+            return None
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be finite, got {s}")
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {s}")
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            raise argparse.ArgumentTypeError(f"must be {'<' if hi_open else '<='} {hi}, got {s}")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _num_list(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    one = _num(kind, lo, hi, lo_open, hi_open)
+
+    def parse(s: str):
+        vals = [one(x) for x in s.split(",") if x.strip()]
+        if not vals:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}")
+        return vals
+
+    parse.__name__ = "list"
+    return parse
+
+
+def _fmt(v) -> str:
+    return ",".join(f"{x:g}" for x in v)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tsprune", description="prune-then-finetune for time series foundation models")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    F = argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(prog="tsprune", formatter_class=F,
+                description="Structured pruning for time series foundation models: prune on the downstream "
+                            "task, then fine-tune the smaller model. `tsprune CMD --help` lists each command's "
+                            "options with their defaults.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="CMD", parser_class=_Parser)
+    pos, pos1, nonneg = _num(int, 1), _num(float, 0.0, lo_open=True), _num(float, 0.0)
+    ratio = _num(float, 0.0, 1.0)
 
     def common(sp, out_required=True):
-        sp.add_argument("--model", default="default", help="default | tsprune save dir | checkpoint dir | hub name")
-        sp.add_argument("--data", default=None, help="CSV path or name (ETTh1, ...; default: ETTh1 if found, else synthetic)")
-        sp.add_argument("--data-dir", default=None, help="folder of CSVs searched first (also $TSPRUNE_DATA_DIR)")
-        sp.add_argument("--horizon", type=int, default=96)
-        sp.add_argument("--lookback", type=int, default=None, help="default: the model's context length")
-        sp.add_argument("--out", required=out_required)
-        sp.add_argument("--batch-size", type=int, default=64)
-        sp.add_argument("--max-train-windows", type=int, default=16384)
-        sp.add_argument("--max-eval-windows", type=int, default=4096)
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--threads", type=int, default=None)
-        sp.add_argument("--no-progress", dest="progress", action="store_false")
-        sp.add_argument("--dist-timeout", type=float, default=None,
-                        help="under torchrun: seconds any collective may wait before the run fails "
-                             "(default $TSPRUNE_DIST_TIMEOUT or 600)")
+        g = sp.add_argument_group("model and data")
+        g.add_argument("--model", default="default",
+                       help="'default' (the embedded model) | a tsprune save dir | a local checkpoint dir | "
+                            "a hub name org/name")
+        g.add_argument("--data", default=None,
+                       help="CSV path or name (ETTh1, ETTh2, exchange_rate, ...); default: ETTh1 if found, "
+                            "else the bundled synthetic task")
+        g.add_argument("--data-dir", default=None, help="folder of CSVs searched first (also $TSPRUNE_DATA_DIR)")
+        g.add_argument("--horizon", type=pos, default=96, help="forecast length (>= 1)")
+        g.add_argument("--lookback", type=pos, default=None, help="context length (>= 1); default: the model's")
+        g.add_argument("--out", required=out_required, default=None,
+                       help="output directory (created; checked writable before any work)")
+        g.add_argument("--max-train-windows", type=pos, default=None,
+                       help="cap on the train windows (evenly spaced); default: all")
+        g.add_argument("--max-val-windows", type=pos, default=4096,
+                       help="cap on the validation windows used for every validation check and for --search "
+                            "(evenly spaced; the log says N of M)")
+        g.add_argument("--max-eval-windows", type=pos, default=None,
+                       help="cap on the TEST windows (evenly spaced; the table then says N of M); default: all, "
+                            "the standard protocol (stride 1)")
+        g = sp.add_argument_group("execution")
+        g.add_argument("--batch-size", type=pos, default=FT_BATCH, help="micro-batch of calibration and fine-tuning")
+        g.add_argument("--eval-batch-size", type=pos, default=1024, help="batch of evaluation and validation")
+        g.add_argument("--amp", default=None, choices=["bf16"],
+                       help="bf16 autocast for fine-tuning and evaluation (CPUs with bf16 support, GPUs); "
+                            "default: off (float32)")
+        g.add_argument("--seed", type=int, default=0, help="seed of shuffling and initialisation")
+        g.add_argument("--threads", type=pos, default=None, help="torch CPU threads; default: torch's choice")
+        g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+        g.add_argument("--dist-timeout", type=pos1, default=None,
+                       help="under torchrun: seconds any collective may wait before the run fails "
+                            "(default $TSPRUNE_DIST_TIMEOUT or 600)")
 
     def prune_args(sp):
-        sp.add_argument("--criterion", default="taylor", choices=["taylor", "taylor2", "fisher", "magnitude", "wanda"])
-        sp.add_argument("--ema", type=float, default=0.5)
-        sp.add_argument("--block", type=int, default=1, help="channels per FFN / residual unit")
-        sp.add_argument("--heads", action="store_true", help="attention units are whole heads")
-        sp.add_argument("--prune-ratio-per-epoch", type=float, default=0.1)
-        sp.add_argument("--macro-batch-size", type=int, default=1024)
-        sp.add_argument("--max-prune-ratio", type=float, default=0.8)
-        sp.add_argument("--calib-epochs", type=int, default=4)
-        sp.add_argument("--val-tolerance", type=float, default=0.001,
-                        help="keep the latest masks whose val loss is within this relative tolerance "
-                             "of the best (0: SPEC rule, keep the best; default 0.1%%)")
-        sp.add_argument("--residual", action="store_true",
-                        help="also mask residual-stream sides (paper behaviour; zeros stay as zero weights)")
+        g = sp.add_argument_group("pruning (stage 1: calibration with masks)")
+        g.add_argument("--criterion", default="taylor", choices=["taylor", "taylor2", "fisher", "magnitude", "wanda"],
+                       help="importance score of a unit")
+        g.add_argument("--ema", type=ratio, default=0.5, help="smoothing of the scores across macro steps, in [0, 1]")
+        g.add_argument("--block", type=pos, default=1, help="channels per FFN unit")
+        g.add_argument("--heads", action="store_true", help="attention units are whole heads (else head dims)")
+        g.add_argument("--prune-ratio-per-epoch", type=ratio, default=0.1,
+                       help="fraction of the live units pruned per calibration epoch, in [0, 1]")
+        g.add_argument("--macro-batch-size", type=pos, default=1024,
+                       help="windows per pruning step (cut to the epoch when larger)")
+        g.add_argument("--max-prune-ratio", type=_num(float, 0.0, 1.0, hi_open=True), default=0.8,
+                       help="never prune more than this fraction of all units, in [0, 1)")
+        g.add_argument("--calib-epochs", type=pos, default=4, help="at most this many calibration epochs")
+        g.add_argument("--calib-windows", type=pos, default=16384,
+                       help="train windows per calibration epoch (evenly spaced subset)")
+        g.add_argument("--patience", type=pos, default=1,
+                       help="calibration: epochs without a kept validation gain before stopping")
+        g.add_argument("--val-tolerance", type=nonneg, default=0.001,
+                       help="keep the latest masks whose val loss is within this relative tolerance of the best "
+                            "(0: keep the best)")
+        g.add_argument("--residual", action="store_true",
+                       help="also mask residual-stream sides (paper behaviour; those zeros stay as zero weights)")
 
     def ft_args(sp):
-        sp.add_argument("--ft-epochs", type=int, default=1)
-        sp.add_argument("--ft-max-steps", type=int, default=None)
-        sp.add_argument("--lr", type=float, default=1e-4)
+        g = sp.add_argument_group("fine-tuning (stage 2)")
+        g.add_argument("--lr", type=_num(float, 0.0), default=FT_LR, help="AdamW learning rate")
+        g.add_argument("--ft-steps", type=pos, default=FT_STEPS, help="optimiser-step budget")
+        g.add_argument("--ft-epochs", type=pos, default=None,
+                       help="budget in epochs over the train windows instead of --ft-steps")
+        g.add_argument("--ft-max-steps", type=pos, default=None, help="hard cap on the optimiser steps")
+        g.add_argument("--warmup", type=nonneg, default=FT_WARMUP,
+                       help="linear lr warm-up: a fraction of the budget (< 1) or a number of steps")
+        g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="lr after the warm-up")
+        g.add_argument("--weight-decay", type=nonneg, default=0.0, help="AdamW weight decay")
+        g.add_argument("--eval-every", type=pos, default=FT_EVAL_EVERY,
+                       help="validation check every this many steps (and at the end); the best check is kept")
+        g.add_argument("--select", default="mse", choices=["mse", "loss"],
+                       help="what the checks compare: validation MSE (the reported metric) or the model's own loss")
+        g.add_argument("--ft-patience", type=_num(int, 0), default=0,
+                       help="stop after this many checks in a row without a gain (0: run the whole budget)")
 
-    for name, fn, extra in (("run", cmd_run, (prune_args, ft_args)), ("prune", cmd_prune, (prune_args,)),
-                            ("finetune", cmd_finetune, (ft_args,)), ("evaluate", cmd_evaluate, ())):
-        sp = sub.add_parser(name, help=fn.__doc__)
+    def run_args(sp):
+        g = sp.add_argument_group("selection and seeds")
+        g.add_argument("--search", action="store_true",
+                       help="pick each setting's hyper-parameters by validation MSE over the --grid-* grids "
+                            "(only the picks are scored on test); results.json 'search' records the grid")
+        g.add_argument("--grid-lr", type=_num_list(float, 0.0), default=[3e-4, 1e-3, 3e-3],
+                       help="fine-tune lr grid (both settings)")
+        g.add_argument("--grid-prune-ratio", type=_num_list(float, 0.0, 1.0), default=[0.1, 0.2],
+                       help="prune_ratio_per_epoch grid")
+        g.add_argument("--grid-ema", type=_num_list(float, 0.0, 1.0), default=[0.5], help="ema grid")
+        g.add_argument("--seeds", type=pos, default=1,
+                       help="repeat the fine-tune and prune-then-finetune picks with this many seeds (seed, "
+                            "seed+1, ...) and report mean and std")
+
+    cmds = (("run", cmd_run, (prune_args, ft_args, run_args)), ("prune", cmd_prune, (prune_args,)),
+            ("finetune", cmd_finetune, (ft_args,)), ("evaluate", cmd_evaluate, ()))
+    for name, fn, extra in cmds:
+        sp = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__, formatter_class=F)
         common(sp, out_required=name != "evaluate")
-        sp.add_argument("--patience", type=int, default=1)
         for f in extra:
             f(sp)
         sp.set_defaults(func=fn)
     return p
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+        msg = f"{msg}: {e.filename}"
+    if isinstance(e, KeyError):
+        msg = f"missing key {msg}"
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip())
 
 
 def main(argv=None) -> int:
@@ -310,9 +693,9 @@ def main(argv=None) -> int:
         # torchrun --nproc_per_node=N -m tsprune ...: one process group (gloo on CPU, nccl on GPUs)
         own_group = D.init_from_env(timeout_s=a.dist_timeout)
         a.func(a)
-    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as e:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, ImportError) as e:
         where = f" (rank {D.rank()}/{D.world_size()})" if D.is_dist() or D.launched() else ""
-        print(f"tsprune {a.cmd}: error{where}: {e}", file=sys.stderr, flush=True)
+        print(f"tsprune {a.cmd}: error{where}: {_one_line(e)}", file=sys.stderr, flush=True)
         return 2
     finally:
         if own_group:

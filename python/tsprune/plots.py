@@ -60,13 +60,50 @@ def sparsity_heatmap(sites: list[Site], sparsity: dict[str, float], path, title:
     return path
 
 
+ROW_NAMES = {"zero_shot": "zero-shot", "finetune": "fine-tune", "prune_finetune": "prune-then-finetune",
+             "seasonal_naive": "seasonal naive", "linear": "linear (ridge)"}
+
+
+def result_rows(results: dict) -> list[tuple[str, dict]]:
+    """(display name, row) of every setting and baseline in ``results`` (results.json layout)."""
+    rows = [(ROW_NAMES.get(k, k), r) for k, r in results.items()
+            if k != "baselines" and isinstance(r, dict) and "mse" in r]
+    for k, r in (results.get("baselines") or {}).items():
+        rows.append((ROW_NAMES.get(k, k), r))
+    return rows
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
 def results_table(results: dict) -> str:
-    """Markdown table of {setting: {mse, mae, params, ...}}."""
-    rows = ["| setting | MSE | MAE | params | vs fine-tune (MSE) |", "| --- | ---: | ---: | ---: | ---: |"]
-    ft = results.get("finetune", {}).get("mse")
-    for name, r in results.items():
-        if not isinstance(r, dict) or "mse" not in r:
-            continue
-        rel = f"{(r['mse'] / ft - 1) * 100:+.1f}%" if ft else ""
-        rows.append(f"| {name} | {r['mse']:.4f} | {r['mae']:.4f} | {r['params']:,} | {rel} |")
-    return "\n".join(rows)
+    """Markdown table of the settings and baselines: test MSE (± std over seeds), MAE, parameters,
+    % of parameters removed (vs zero-shot), % of units pruned, test windows evaluated / available,
+    inference ms per window (after warm-up), rank by MSE and which rows each one beats (lower MSE);
+    then one line ordering all rows."""
+    rows = result_rows(results)
+    zp = (results.get("zero_shot") or {}).get("params")
+    order = sorted(range(len(rows)), key=lambda i: rows[i][1]["mse"])
+    rank = {i: r + 1 for r, i in enumerate(order)}
+    out = ["| # | setting | MSE | MAE | params | params removed | units pruned | test windows | ms / window "
+           "| beats (lower MSE than) |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for i, (name, r) in enumerate(rows):
+        mse = f"{r['mse']:.4f}" + (f" ± {r['mse_std']:.4f}" if "mse_std" in r and r.get("seeds") else "")
+        mae = f"{r['mae']:.4f}" + (f" ± {r['mae_std']:.4f}" if "mae_std" in r and r.get("seeds") else "")
+        removed = r.get("params_removed_fraction")
+        if removed is None and zp and r.get("params") is not None and name not in (
+                ROW_NAMES["seasonal_naive"], ROW_NAMES["linear"]):
+            removed = 1 - r["params"] / zp
+        n, m = r.get("test_windows"), r.get("test_windows_available")
+        win = "-" if n is None else (f"{n:,}" if n == m or m is None else f"{n:,} of {m:,}")
+        ms = r.get("ms_per_window")
+        beats = [rows[j][0] for j in order if rows[j][1]["mse"] > r["mse"]]
+        out.append(f"| {rank[i]} | {name} | {mse} | {mae} | {r['params']:,} | {_pct(removed)} | "
+                   f"{_pct(r.get('pruned_units_fraction'))} | {win} | {'-' if ms is None else f'{ms:.3f}'} | "
+                   f"{', '.join(beats) if beats else '-'} |")
+    out.append("")
+    out.append("By test MSE (lower is better): " + " < ".join(
+        f"{rows[i][0]} {rows[i][1]['mse']:.4f}" for i in order) + ".")
+    return "\n".join(out)

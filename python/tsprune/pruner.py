@@ -174,6 +174,27 @@ class Pruner:
         self._seen = 0
         return self.prune_now()
 
+    def start_epoch(self) -> None:
+        """Restart the macro-batch sample counter (calibrate calls it at the start of every epoch,
+        after :meth:`finish_epoch` has consumed the previous epoch's tail)."""
+        self._seen = 0
+
+    def finish_epoch(self) -> StepInfo | None:
+        """At an epoch's end: one macro step over the windows seen since the last one, if any (an
+        epoch of ``n`` windows thus runs ``ceil(n / macro_batch_size)`` steps, the count
+        :meth:`ratio_per_step` divides by), so a partial macro-batch is never carried into the next
+        epoch nor lost."""
+        if self._seen == 0 or self.done:
+            self._seen = 0
+            return None
+        self._seen = 0
+        return self.prune_now()
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples accumulated since the last macro step."""
+        return self._seen
+
     def prune_now(self, ratio: float | None = None) -> StepInfo:
         """One macro step now (SPEC steps 4-6) over everything accumulated since the last one."""
         if self.done:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -75,16 +76,42 @@ def frozen(model: nn.Module):
             p.requires_grad_(f)
 
 
+#: What each family's own training loss is (for log lines and results; the adapter's ``loss``).
+LOSS_NAMES = {
+    "chronos-bolt": "quantile loss",
+    "chronos": "token cross-entropy",
+    "t5": "quantile loss",
+    "timesfm": "MSE + quantile loss",
+    "timesfm2.5": "MSE + quantile loss",
+    "patchtst": "MSE (NLL for a distribution head)",
+}
+
+AMP_MODES = (None, "bf16")
+
+
+def loss_name(adapter: Adapter) -> str:
+    """Readable name of ``adapter.loss`` (e.g. "quantile loss" for Chronos-Bolt)."""
+    return getattr(adapter, "loss_name", None) or LOSS_NAMES.get(getattr(adapter, "family", ""), "model loss")
+
+
+def autocast(amp: str | None, device: torch.device | str = "cpu"):
+    """``torch.autocast`` for ``amp="bf16"`` (CPU or CUDA), a no-op context for None."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of None, 'bf16', got {amp!r}")
+    dev = torch.device(device).type
+    return torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, adapter: Adapter, ds: WindowDataset, batch_size: int,
-              distributed: bool = False) -> float:
-    """Mean loss over ``ds``. ``distributed`` (under torch.distributed): each rank takes a
-    contiguous share of the windows and (loss sum, count) are summed over ranks; every rank
-    returns the same value."""
+              distributed: bool = False, amp: str | None = None) -> float:
+    """Mean of the model's own loss (:func:`loss_name`) over ``ds``, weighted by window count.
+    ``distributed`` (under torch.distributed): each rank takes a contiguous share of the windows
+    and (loss sum, count) are summed over ranks; every rank returns the same value."""
     model.eval()
     tot, n = 0.0, 0
+    dev = _device(model)
     if distributed and D.is_dist():
-        dev = _device(model)
         a, b = D.shard_bounds(len(ds))
         passes = -(-(b - a) // batch_size)
         if D.is_sharded(model):  # FSDP: as many forwards as the largest shard on every rank
@@ -92,7 +119,8 @@ def mean_loss(model: nn.Module, adapter: Adapter, ds: WindowDataset, batch_size:
         for i in range(a, a + passes * batch_size, batch_size):
             if i < b:
                 ctx, tgt = ds.batch(np.arange(i, min(i + batch_size, b)))
-                tot += float(adapter.loss(model, ctx.to(dev), tgt.to(dev))) * len(ctx)
+                with autocast(amp, dev):
+                    tot += float(adapter.loss(model, ctx.to(dev), tgt.to(dev))) * len(ctx)
                 n += len(ctx)
             else:  # nothing left here: a pass that counts for nothing keeps FSDP's collectives paired
                 ctx, tgt = ds.batch(np.arange(1))
@@ -100,20 +128,38 @@ def mean_loss(model: nn.Module, adapter: Adapter, ds: WindowDataset, batch_size:
         tot, n = D.sum_across_ranks(tot, n, what="reduce of the validation loss")
         return tot / max(n, 1)
     for ctx, tgt in batches(ds, batch_size, shuffle=False):
-        tot += float(adapter.loss(model, ctx, tgt)) * len(ctx)
+        with autocast(amp, dev):
+            tot += float(adapter.loss(model, ctx.to(dev), tgt.to(dev))) * len(ctx)
         n += len(ctx)
     return tot / max(n, 1)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, adapter: Adapter, ds: WindowDataset, batch_size: int = 64,
-             progress: bool = False) -> dict:
-    """MSE / MAE of the point forecast over ``ds`` (scaled values), accumulated in float64."""
+             progress: bool = False, amp: str | None = None, warmup: bool = True) -> dict:
+    """MSE / MAE of the point forecast over every window of ``ds`` (scaled values, float64 sums).
+
+    Batched, under no_grad, optionally under bf16 autocast (``amp``; the forecast is cast back to
+    float32 before scoring). With ``warmup`` one batch is predicted first and not timed, so
+    ``seconds`` / ``ms_per_window`` measure steady-state inference. Returns ``mse``, ``mae``,
+    ``windows`` (forecast windows), ``values`` (= windows x horizon; also as ``n``), ``seconds``,
+    ``ms_per_window``."""
     model.eval()
+    dev = _device(model)
     acc = MetricAccumulator()
+    if warmup and len(ds):
+        ctx, tgt = ds.batch(np.arange(min(batch_size, len(ds))))
+        with autocast(amp, dev):
+            adapter.predict(model, ctx.to(dev), tgt.shape[-1])
+    t0 = time.perf_counter()
     for ctx, tgt in _progress(batches(ds, batch_size, False), n_batches(ds, batch_size), "evaluate", progress):
-        acc.update(adapter.predict(model, ctx, tgt.shape[-1]), tgt)
-    return acc.result()
+        with autocast(amp, dev):
+            pred = adapter.predict(model, ctx.to(dev), tgt.shape[-1])
+        acc.update(pred.float(), tgt.to(pred.device))
+    secs = time.perf_counter() - t0
+    r = acc.result()
+    return {"mse": r["mse"], "mae": r["mae"], "n": r["n"], "values": r["n"], "windows": len(ds),
+            "seconds": round(secs, 3), "ms_per_window": round(1e3 * secs / max(len(ds), 1), 4)}
 
 
 @dataclass
@@ -122,6 +168,9 @@ class CalibrationResult:
     best_val_loss: float
     windows: int = 0
     history: list[dict] = field(default_factory=list)
+    reason: str = ""
+    macro_batch_size: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def calibrate(
@@ -137,6 +186,7 @@ def calibrate(
     seed: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    eval_batch_size: int | None = None,
 ) -> CalibrationResult:
     """SPEC stage 1: frozen weights, masks on every site, gradient accumulation into the arena,
     pruning at macro-batch boundaries, validation each epoch with patience, restore of the best
@@ -144,7 +194,13 @@ def calibrate(
 
     The kept masks are those of the latest epoch whose validation loss is within ``val_tolerance``
     (relative) of the lowest seen; 0 is SPEC's rule (keep the best). A small tolerance trades a
-    little masked validation loss, before fine-tuning, for a smaller model.
+    little masked validation loss, before fine-tuning, for a smaller model. ``result.reason`` says
+    in words which epoch was kept and why (and is logged).
+
+    Epochs and macro-batches: the sample counter restarts every epoch; an epoch's tail (fewer
+    windows than a macro-batch) gets its own macro step at the epoch's end; a macro-batch larger
+    than the epoch is cut to the epoch (and logged), so fewer train windows than the macro-batch
+    still prune.
 
     Data-parallel (the pruner was built under an initialised torch.distributed group): every rank
     walks the same global micro-batches and takes its contiguous shard of each (tsprune.distributed),
@@ -153,8 +209,17 @@ def calibrate(
     ``log`` on rank 0 only."""
     if val_tolerance < 0:
         raise ValueError(f"calibrate: val_tolerance must be >= 0, got {val_tolerance}")
+    if epochs < 1 or batch_size < 1 or patience < 1:
+        raise ValueError(f"calibrate: epochs, batch_size and patience must be >= 1, got {epochs}, "
+                         f"{batch_size}, {patience}")
     adapter = pruner.adapter
-    if pruner.samples_per_epoch is None:
+    ebs = eval_batch_size or batch_size
+    notes: list[str] = []
+    if pruner.macro_batch_size > len(train):
+        notes.append(f"macro-batch cut from {pruner.macro_batch_size} to the epoch's {len(train)} train "
+                     f"windows (else nothing would ever be pruned)")
+        pruner.macro_batch_size = len(train)
+    if pruner.samples_per_epoch is None or pruner.samples_per_epoch != len(train):
         pruner.samples_per_epoch = len(train)
     ddp = pruner.comm is not None
     sharded = False
@@ -173,16 +238,23 @@ def calibrate(
             raise ValueError(f"calibrate: criterion {pruner.criterion!r} reads whole weights outside the "
                              "forward and is not supported on a sharded (FSDP) model yet; use taylor, "
                              "taylor2 or fisher")
+    for n_ in notes:
+        if log:
+            log(f"calibrate: {n_}")
+    lname = loss_name(adapter)
     dev = _device(model)
     seed_everything(seed)
     with frozen(model):
         pruner.attach()
-        best = (mean_loss(model, adapter, val, batch_size, distributed=ddp), pruner.state_dict())
-        lowest = best[0]
+        best = (mean_loss(model, adapter, val, ebs, distributed=ddp), pruner.state_dict())
+        lowest, lowest_epoch = best[0], 0
         hist = [{"epoch": 0, "val_loss": best[0], "pruned": pruner.pruned_fraction()}]
-        best_epoch, bad, seen = 0, 0, 0
+        if log:
+            log(f"calibrate epoch 0 (no pruning): val {lname} {best[0]:.4f} over {len(val):,} windows")
+        best_epoch, bad, seen, stop = 0, 0, 0, f"all {epochs} epochs ran"
         for ep in range(1, epochs + 1):
             model.train()
+            pruner.start_epoch()
             it = batch_indices(len(train), batch_size, shuffle=True, seed=seed + ep)
             for idx in _progress(it, n_batches(train, batch_size), f"calibrate {ep}", progress):
                 mine = D.shard(idx) if ddp else idx  # this rank's share of the global micro-batch
@@ -199,20 +271,61 @@ def calibrate(
                 seen += len(idx)
                 if pruner.done:
                     break
-            v = mean_loss(model, adapter, val, batch_size, distributed=ddp)
+            tail = pruner.pending_samples
+            if pruner.finish_epoch() is not None and log:
+                log(f"calibrate epoch {ep}: a macro step on the epoch's last {tail} windows (a partial macro-batch)")
+            v = mean_loss(model, adapter, val, ebs, distributed=ddp)
             hist.append({"epoch": ep, "val_loss": v, "pruned": pruner.pruned_fraction(),
                          "macro_steps": pruner.macro_steps})
             if log:
-                log(f"calibrate epoch {ep}: val loss {v:.4f}, pruned {pruner.pruned_fraction():.1%}")
-            lowest = min(lowest, v)
+                log(f"calibrate epoch {ep}: masked val {lname} {v:.4f}, {pruner.pruned_fraction():.1%} of "
+                    f"units pruned so far ({pruner.macro_steps} macro steps)")
+            if v < lowest:
+                lowest, lowest_epoch = v, ep
             if v <= lowest * (1 + val_tolerance):
                 best, best_epoch, bad = (v, pruner.state_dict()), ep, 0
             else:
                 bad += 1
-            if bad >= patience or pruner.done:
+            if pruner.done:
+                stop = f"stopped after epoch {ep}: the --max-prune-ratio cap was reached"
+                break
+            if bad >= patience:
+                stop = f"stopped after epoch {ep}: {bad} epoch(s) without a kept improvement (patience {patience})"
                 break
         pruner.load_state_dict(best[1])
-    return CalibrationResult(best_epoch=best_epoch, best_val_loss=best[0], windows=seen, history=hist)
+    kept = hist[best_epoch]
+    if best_epoch == 0:
+        why = (f"no pruned epoch had a val {lname} within {val_tolerance:.2%} of the unpruned model's "
+               f"{hist[0]['val_loss']:.4f}: NOTHING is pruned")
+    elif best_epoch == lowest_epoch:
+        why = f"it has the lowest masked val {lname} ({kept['val_loss']:.4f})"
+    else:
+        why = (f"it is the latest epoch whose masked val {lname} {kept['val_loss']:.4f} is within the "
+               f"tolerance {val_tolerance:.2%} of the lowest ({lowest:.4f}, epoch {lowest_epoch})")
+    later = [h for h in hist if h["epoch"] > best_epoch]
+    if later:
+        why += "; later epochs " + ", ".join(
+            f"{h['epoch']} ({h['pruned']:.1%} pruned, {h['val_loss']:.4f})" for h in later) + " were worse"
+    reason = (f"kept the masks of epoch {best_epoch} ({kept['pruned']:.1%} of units pruned) because {why}; {stop}")
+    if log:
+        log(f"calibrate: {reason}")
+    return CalibrationResult(best_epoch=best_epoch, best_val_loss=best[0], windows=seen, history=hist,
+                             reason=reason, macro_batch_size=pruner.macro_batch_size, notes=notes)
+
+
+SCHEDULES = ("constant", "cosine")
+SELECT = ("loss", "mse")
+
+
+def lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base lr before optimiser step ``step`` (0-based) of ``total``: linear
+    warm-up over ``warmup_steps`` (from 1/warmup_steps to 1), then constant or cosine to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
 
 
 def finetune(
@@ -231,39 +344,134 @@ def finetune(
     seed: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    steps: int | None = None,
+    warmup: float = 0.0,
+    schedule: str = "constant",
+    eval_every: int | None = None,
+    select: str = "loss",
+    amp: str | None = None,
+    eval_batch_size: int | None = None,
 ) -> dict:
-    """SPEC stage 2: every weight trainable, AdamW, early stopping on the validation loss (the
-    best weights are restored). Returns the history."""
+    """SPEC stage 2: every weight trainable, AdamW, selection on validation.
+
+    Budget: ``steps`` optimiser steps (as many epochs over shuffled ``train`` as that takes), else
+    ``epochs`` epochs, optionally cut at ``max_steps``. ``warmup`` (a fraction of the budget when
+    < 1, else steps) of linear warm-up, then ``schedule`` "constant" or "cosine" (to 0 at the end).
+
+    Validation every ``eval_every`` steps (default: at each epoch's end) and at the end of the
+    budget, on ``select``: "loss" (the model's own training loss, :func:`loss_name`) or "mse" (the
+    point forecast's MSE, the reported metric). The weights with the best validation score are
+    kept (the starting weights count as evaluation 0); ``patience`` evaluations in a row without
+    improvement stop training early (0: never stop early). What was kept and why is logged and
+    returned: ``kept_step``, ``kept_epoch``, ``kept_val``, ``reason``; ``kept_step == 0`` means no
+    evaluation beat the starting weights (logged as a warning).
+
+    ``amp="bf16"``: forward passes (training and validation) under bf16 autocast; weights,
+    gradients and optimiser state stay float32. Returns a dict with ``best_val_loss`` (the kept
+    validation score under ``select``), ``history`` (one entry per evaluation) and the above."""
+    if select not in SELECT:
+        raise ValueError(f"finetune: select must be one of {SELECT}, got {select!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"finetune: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if lr < 0 or not math.isfinite(lr):
+        raise ValueError(f"finetune: lr must be a finite number >= 0, got {lr}")
+    if batch_size < 1 or (steps is not None and steps < 0) or epochs < 0 or patience < 0:
+        raise ValueError(f"finetune: batch_size >= 1, steps >= 0, epochs >= 0, patience >= 0 needed, "
+                         f"got {batch_size}, {steps}, {epochs}, {patience}")
+    autocast(amp)  # validates amp
+    ebs = eval_batch_size or batch_size
+    per_epoch = n_batches(train, batch_size)
+    total = int(steps) if steps is not None else epochs * per_epoch
+    if max_steps:
+        total = min(total, int(max_steps))
+    every = int(eval_every) if eval_every else per_epoch
+    warm = int(round(warmup * total)) if warmup < 1 else int(warmup)
+    lname = loss_name(adapter)
+    metric = "MSE" if select == "mse" else lname
+    dev = _device(model)
+
+    def score() -> float:
+        if select == "mse":
+            return float(evaluate(model, adapter, val, ebs, amp=amp, warmup=False)["mse"])
+        return mean_loss(model, adapter, val, ebs, amp=amp)
+
     seed_everything(seed)
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    best_loss = mean_loss(model, adapter, val, batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, schedule))
+    t0 = time.time()
+    best_val = score()
     best_state = copy.deepcopy(model.state_dict())
-    hist, bad, step = [{"epoch": 0, "val_loss": best_loss}], 0, 0
-    for ep in range(1, epochs + 1):
+    kept_step, kept_epoch = 0, 0
+    hist = [{"step": 0, "epoch": 0, "val": best_val, "val_metric": metric}]
+    hist[0]["val_loss"] = best_val  # older readers
+    if log:
+        log(f"finetune: {total} steps of batch {batch_size} ({total * batch_size / max(len(train), 1):.2f} "
+            f"epochs over {len(train):,} train windows), lr {lr:g}, warm-up {warm} steps, {schedule} "
+            f"schedule{', bf16 autocast' if amp else ''}; validation every {every} steps on {len(val):,} "
+            f"windows by {metric}; start: val {metric} {best_val:.4f}")
+    bad, step, ep, run_loss, run_n = 0, 0, 0, 0.0, 0
+    stop = f"the budget of {total} steps ran out"
+    stopped_early = False
+    while step < total:
+        ep += 1
         model.train()
         it = batches(train, batch_size, shuffle=True, seed=seed + 1000 + ep)
-        for ctx, tgt in _progress(it, n_batches(train, batch_size), f"finetune {ep}", progress):
+        for ctx, tgt in _progress(it, min(per_epoch, total - step), f"finetune {ep}", progress):
             opt.zero_grad(set_to_none=True)
-            loss = adapter.loss(model, ctx, tgt)
+            with autocast(amp, dev):
+                loss = adapter.loss(model, ctx.to(dev), tgt.to(dev))
             loss.backward()
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
+            sched.step()
             step += 1
-            if max_steps and step >= max_steps:
+            run_loss += float(loss.detach())
+            run_n += 1
+            end_of_epoch = step % per_epoch == 0
+            if step % every == 0 or step == total or (eval_every is None and end_of_epoch):
+                v = score()
+                h = {"step": step, "epoch": ep, "val": v, "val_metric": metric, "val_loss": v,
+                     "train_loss": run_loss / max(run_n, 1), "lr": opt.param_groups[0]["lr"]}
+                run_loss, run_n = 0.0, 0
+                improved = v < best_val
+                if improved:
+                    best_val, best_state, kept_step, kept_epoch, bad = v, copy.deepcopy(model.state_dict()), step, ep, 0
+                else:
+                    bad += 1
+                h["kept"] = improved
+                hist.append(h)
+                if log:
+                    log(f"finetune step {step}/{total} (epoch {ep}): train {lname} {h['train_loss']:.4f} "
+                        f"(mean since the last check), val {metric} {v:.4f}"
+                        + (" (best so far: kept)" if improved else
+                           f" (no gain on {best_val:.4f}: {bad} in a row" + (f", patience {patience})" if patience else ")")))
+                model.train()
+                if patience and bad >= patience and step < total:
+                    stop = f"stopped early at step {step}: {bad} validation checks in a row without a gain (patience {patience})"
+                    stopped_early = True
+                    break
+            if step >= total:
                 break
-        v = mean_loss(model, adapter, val, batch_size)
-        hist.append({"epoch": ep, "val_loss": v, "steps": step})
-        if log:
-            log(f"finetune epoch {ep}: val loss {v:.4f}")
-        if v < best_loss:
-            best_loss, best_state, bad = v, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-        if bad >= patience or (max_steps and step >= max_steps):
+        if stopped_early:
             break
     model.load_state_dict(best_state)
     model.eval()
-    return {"best_val_loss": best_loss, "history": hist}
+    n_checks = len(hist) - 1
+    if kept_step == 0:
+        reason = (f"kept the STARTING weights: none of {n_checks} validation checks beat the start's val "
+                  f"{metric} {best_val:.4f}, so this model equals its starting point; {stop}")
+        if log:
+            log(f"finetune: WARNING: {reason}")
+    else:
+        reason = (f"kept the weights of step {kept_step} (epoch {kept_epoch}): the lowest val {metric} "
+                  f"{best_val:.4f} of {n_checks + 1} checks (start {hist[0]['val']:.4f}); {stop}")
+        if log:
+            log(f"finetune: {reason}")
+    return {"best_val_loss": best_val, "select": select, "val_metric": metric, "kept_step": kept_step,
+            "kept_epoch": kept_epoch, "kept_val": best_val, "start_val": hist[0]["val"], "steps": step,
+            "budget_steps": total, "stopped_early": stopped_early, "reason": reason, "lr": lr,
+            "warmup_steps": warm, "schedule": schedule, "batch_size": batch_size, "amp": amp,
+            "seconds": round(time.time() - t0, 2), "history": hist}
