@@ -439,7 +439,6 @@ _KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {testdir!r})
     from test_load_safety import _tiny
     m = _tiny(d_model={d_model}, d_ff={d_ff})
-    real = os.fsync
     def slow(fd):  # the writer is killed while fsyncing its temp directory
         print("writing", flush=True)
         time.sleep(60)
