@@ -88,21 +88,39 @@ def test_fp64_exact_all_grads(backend, gen, need_w):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_error_no_worse_than_naive(backend, gen, dtype):
-    x, w, b, mi, mo, gy = _case(gen, (5, 33), 77, 48, 7, 4, "binary", "real")
-    y_ref, (dx_ref, _, _, dmi_ref, dmo_ref) = _oracle(x, w, b, mi, mo, 7, 4, gy)
-    # naive low-precision code: autograd of the formula in `dtype`
-    h = lambda t: None if t is None else t.to(dtype).detach().clone().requires_grad_(True)  # noqa: E731
-    xn, min_, mon = h(x), h(mi), h(mo)
-    yn = R.masked_linear(xn, w.to(dtype), b.to(dtype), min_, mon, 7, 4)
-    yn.backward(gy.to(dtype))
-    xk, mik, mok = h(x), mi.float().clone().requires_grad_(True), mo.float().clone().requires_grad_(True)
-    yk = K.masked_linear(xk, w.to(dtype), b.to(dtype), mik, mok, 7, 4)
-    assert yk.dtype == dtype
-    yk.backward(gy.to(dtype))
-    for got, naive, ref in [(yk, yn, y_ref), (xk.grad, xn.grad, dx_ref), (mik.grad, min_.grad, dmi_ref), (mok.grad, mon.grad, dmo_ref)]:
-        err = (got.double() - ref).abs().max().item()
-        err_naive = (naive.double() - ref).abs().max().item()
-        assert err <= 2 * err_naive + 1e-3 * ref.abs().max().item(), (err, err_naive)
+    """Error vs fp64, judged against naive low-precision torch code on the same inputs.
+
+    Pooled over 8 fresh draws: the max error of one draw's 12 mask entries is too noisy to compare
+    (a single-draw max-vs-max test at 2x failed ~1% of seeds although the kernel's median error is
+    below naive's). Over 800 draws the kernel's pooled RMS reached 1.36x naive and its max 2.26x,
+    so the bounds are 2x (RMS) and 4x (max), plus a tiny absolute slack."""
+    names = ["y", "dx", "dmask_in", "dmask_out"]
+    sq = {n: [0.0, 0.0] for n in names}  # sum of squared errors: kernel, naive
+    mx = {n: [0.0, 0.0, 0.0] for n in names}  # max error: kernel, naive; max |ref|
+    for _ in range(8):
+        x, w, b, mi, mo, gy = _case(gen, (5, 33), 77, 48, 7, 4, "binary", "real")
+        y_ref, (dx_ref, _, _, dmi_ref, dmo_ref) = _oracle(x, w, b, mi, mo, 7, 4, gy)
+        # naive low-precision code: autograd of the formula in `dtype`
+        h = lambda t: None if t is None else t.to(dtype).detach().clone().requires_grad_(True)  # noqa: E731
+        xn, min_, mon = h(x), h(mi), h(mo)
+        yn = R.masked_linear(xn, w.to(dtype), b.to(dtype), min_, mon, 7, 4)
+        yn.backward(gy.to(dtype))
+        xk, mik, mok = h(x), mi.float().clone().requires_grad_(True), mo.float().clone().requires_grad_(True)
+        yk = K.masked_linear(xk, w.to(dtype), b.to(dtype), mik, mok, 7, 4)
+        assert yk.dtype == dtype
+        yk.backward(gy.to(dtype))
+        got = [yk, xk.grad, mik.grad, mok.grad]
+        naive = [yn, xn.grad, min_.grad, mon.grad]
+        for n, g, v, ref in zip(names, got, naive, [y_ref, dx_ref, dmi_ref, dmo_ref]):
+            for j, t in enumerate((g, v)):
+                e = t.double() - ref
+                sq[n][j] += e.square().sum().item()
+                mx[n][j] = max(mx[n][j], e.abs().max().item())
+            mx[n][2] = max(mx[n][2], ref.abs().max().item())
+    for n in names:
+        slack = 1e-4 * mx[n][2]
+        assert sq[n][0] ** 0.5 <= 2 * sq[n][1] ** 0.5 + slack, (n, "rms", sq[n])
+        assert mx[n][0] <= 4 * mx[n][1] + slack, (n, "max", mx[n])
 
 
 def test_accumulators_match_per_sample_loop(backend, gen):
