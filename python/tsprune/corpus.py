@@ -28,7 +28,7 @@ import numpy as np
 
 from .synthetic import SEASONAL_PERIODS, _ar1, _one_series
 
-__all__ = ["kernel_synth", "procedural", "real_mix", "real_train_series", "Corpus"]
+__all__ = ["kernel_synth", "procedural", "real_mix", "real_train_series", "Corpus", "normalised_peak"]
 
 #: Periods (in steps) of the periodic kernels: hourly day / week, 15-min day, daily week / month /
 #: year, monthly year, weekly year, and a few short ones.
@@ -204,10 +204,14 @@ class Corpus:
     others when no real series is available. The kernel_synth pool holds ``pool_size`` series and
     ``refresh`` of them are replaced per call (Cholesky is the expensive part). Also applied per
     sample: a random offset / scale, and with probability ``short_ctx`` a context cut to a random
-    length in [32, context] (left-padded with NaN) so short-context tasks are seen in training."""
+    length in [32, context] (left-padded with NaN) so short-context tasks are seen in training.
+    A window whose target lies more than ``max_peak`` context scales from the context mean (see
+    :func:`normalised_peak`) keeps its context and gets a flat continuation instead (counted in
+    ``rejected``)."""
 
     def __init__(self, length: int, context: int, rng: np.random.Generator, real: list[np.ndarray] | None = None,
-                 weights=(0.35, 0.4, 0.25), pool_size: int = 2048, refresh: int = 4, short_ctx: float = 0.2):
+                 weights=(0.35, 0.4, 0.25), pool_size: int = 2048, refresh: int = 4, short_ctx: float = 0.2,
+                 max_peak: float = 50.0):
         self.length, self.context, self.rng = length, context, rng
         self.real = real or []
         w = np.asarray(weights, np.float64)
@@ -217,6 +221,7 @@ class Corpus:
         self.pool = [kernel_synth(rng, length) for _ in range(pool_size)] if self.weights[0] > 0 else []
         self.refresh, self.short_ctx = refresh, short_ctx
         self.counts = np.zeros(3, np.int64)
+        self.max_peak, self.rejected = max_peak, 0
 
     def sample(self, batch: int) -> np.ndarray:
         rng, L = self.rng, self.length
@@ -238,5 +243,34 @@ class Corpus:
             if rng.random() < self.short_ctx:
                 keep = int(rng.integers(32, self.context + 1))
                 x[: self.context - keep] = np.nan
+            if normalised_peak(x, self.context) > self.max_peak:
+                # near-constant context, then movement: the instance-normalised target would be
+                # thousands of scales out and one such window dominated whole batches (loss 1e3-1e6)
+                self.rejected += 1
+                x = self._fallback(x)
             out[i] = x
         return out
+
+    def _fallback(self, x: np.ndarray) -> np.ndarray:
+        # keep the window's context and continue it flat: a legitimate (if easy) target
+        y = x.copy()
+        ctx = y[: self.context]
+        last = ctx[np.isfinite(ctx)]
+        y[self.context :] = last[-1] if last.size else 0.0
+        return y
+
+
+def normalised_peak(x: np.ndarray, context: int) -> float:
+    """max |target - mean(context)| / scale(context), with Chronos-Bolt's instance scaling (std of
+    the finite context values, 1e-5 where that std is 0); inf when the context has no values."""
+    ctx = x[:context]
+    ctx = ctx[np.isfinite(ctx)]
+    if ctx.size == 0:
+        return math.inf
+    loc = float(ctx.mean())
+    scale = float(np.sqrt(np.mean((ctx - loc) ** 2)))
+    if scale == 0.0:
+        scale = 1e-5
+    tgt = x[context:]
+    tgt = tgt[np.isfinite(tgt)]
+    return float(np.abs(tgt - loc).max() / scale) if tgt.size else 0.0

@@ -189,7 +189,8 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
         if s % 50 == 0 or state["step"] == steps:
             rec = {"step": state["step"], "loss": lv, "loss_ema": run_loss, "grad_norm": float(gn),
-                   "lr": opt.param_groups[0]["lr"], "samples": state["samples"], "wall_s": state["wall_s"]}
+                   "lr": opt.param_groups[0]["lr"], "samples": state["samples"], "wall_s": state["wall_s"],
+                   "rejected_windows": corpus.rejected}
             if s % 250 == 0 or state["step"] == steps:
                 model.eval()
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):

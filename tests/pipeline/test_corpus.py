@@ -102,3 +102,38 @@ def test_pretrain_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert "resumed from" in log
     # the resumed model started from the first run's weights, not from a fresh init
     assert any(not torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_normalised_peak_matches_chronos_bolt_scaling():
+    from tsprune.corpus import normalised_peak
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, 40).astype(np.float32)
+    x[:5] = np.nan
+    ctx = x[:30][np.isfinite(x[:30])].astype(np.float64)
+    want = np.abs(x[30:] - ctx.mean()).max() / ctx.std()
+    assert abs(normalised_peak(x, 30) - want) <= 1e-6 * want
+    flat = np.full(40, 7.0, np.float32)
+    flat[-1] = 8.0  # constant context: scale is Chronos-Bolt's eps 1e-5
+    assert abs(normalised_peak(flat, 30) - 1e5) <= 1.0
+    assert normalised_peak(np.full(40, np.nan, np.float32), 30) == float("inf")
+
+
+def test_corpus_never_emits_a_window_beyond_max_peak():
+    from tsprune.corpus import Corpus, normalised_peak
+
+    rng = np.random.default_rng(1)
+    c = Corpus(96, 64, rng, [], pool_size=8, weights=(0.3, 0.7, 0.0), max_peak=2.0)
+    b = c.sample(128)
+    assert c.rejected > 0  # at 2 scales many windows are out
+    flat = 0
+    for r in b:
+        if normalised_peak(r, 64) > 2.0 + 1e-6:  # only a replaced window: continued flat at its last value
+            last = r[:64][np.isfinite(r[:64])][-1]
+            assert (r[64:] == last).all()
+            flat += 1
+    assert flat <= c.rejected
+    assert np.isfinite(b[:, 64:]).all()
+    # with the default bound (50) a flat continuation is always inside it: |x_i - mean| <= sqrt(n-1) std
+    c50 = Corpus(96, 64, np.random.default_rng(2), [], pool_size=8, weights=(0.3, 0.7, 0.0))
+    assert max(normalised_peak(r, 64) for r in c50.sample(256)) <= 50.0
