@@ -14,6 +14,7 @@ arena step (score, EMA, global threshold, prune) -> ``repack()`` hands masks to 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import tsprune_kernels as K
 from .adapters import get_adapter
 from .adapters.base import Adapter, Site
 from .masking import MaskBinding, attach, detach_masks
-from .plan import repack_model
+from .plan import load_exact, repack_model
 
 CRITERIA = ("taylor", "taylor2", "fisher", "magnitude", "wanda")
 
@@ -58,6 +59,12 @@ class Pruner:
                flat accumulators once before scoring and takes rank 0's masks after pruning. None
                (default): on when a torch.distributed process group with > 1 rank is initialised.
                Then ``step(n)`` takes the GLOBAL micro-batch size (all ranks together).
+    compact:   shrink the model IN PLACE to its live units after every macro-step that pruned, so
+               pruned heads, head dims and channels cost nothing in later forwards and backwards
+               (see :meth:`compact_`). None (default): off for hand-written loops, switched on by
+               ``tsprune.train.calibrate`` (and so the CLI); True / False force it. Compaction
+               assumes frozen weights (stage 1): the live model is rebuilt from a host copy of the
+               weights taken when compaction starts, and its parameters are frozen.
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class Pruner:
         residual: bool = False,
         adapter: Adapter | None = None,
         distributed: bool | None = None,
+        compact: bool | None = None,
     ):
         if criterion not in CRITERIA:
             raise ValueError(f"Pruner: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
@@ -121,6 +129,12 @@ class Pruner:
         self.macro_steps = 0
         self.done = False
         self.history: list[StepInfo] = []
+        self.compact = compact
+        self._orig: nn.Module | None = None  # host copy of the uncompacted model (compaction only)
+        self._phys: _Physical | None = None  # the compacted model's mask buffers and their map
+        self._attached = False
+        if compact:
+            self.enable_compaction()
 
     # -- masks on the model ----------------------------------------------------------------------
     @property
@@ -134,7 +148,13 @@ class Pruner:
 
     def attach(self) -> "Pruner":
         """Put arena-backed masks on every site: the model now computes the masked forward, and
-        backward accumulates mask gradients (and squares for taylor2 / fisher) into the arena."""
+        backward accumulates mask gradients (and squares for taylor2 / fisher) into the arena
+        (into the compacted model's own buffers when compacted; they reach the arena at the next
+        macro-step, before scoring)."""
+        self._attached = True
+        if self._phys is not None:
+            self._phys.attach(self.model, self.needs_sq, self._wanda_paths())
+            return self
         a = self.arena
         for s in self.sites:
             lin = self.model.get_submodule(s.path)
@@ -155,8 +175,94 @@ class Pruner:
             attach(lin, b)
         return self
 
+    def _wanda_paths(self) -> set[str]:
+        """Sites whose input activations Wanda sums (full-size buffers created here if missing)."""
+        if self.criterion != "wanda":
+            return set()
+        src = self._orig if self._orig is not None else self.model
+        for s in self.sites:
+            if s.mask_in is not None and s.path not in self._act_sq:
+                n = src.get_submodule(s.path).in_features
+                self._act_sq[s.path] = torch.zeros(n, device=self.arena.device)
+        return {s.path for s in self.sites if s.mask_in is not None}
+
     def detach(self) -> None:
+        """Take the masks off; a compacted model is restored to its original shapes and weights
+        (from the host copy), so after ``detach`` the model is the one the Pruner was given."""
         detach_masks(self.model)
+        self._attached = False
+        if self._phys is not None:
+            _transplant(self.model, _host_copy_to(self._orig, self.model, _device_of(self.model)))
+            self._phys = None
+
+    def expand_(self) -> None:
+        """Undo compaction: the model gets its original shapes and weights back (masks, if attached,
+        stay attached at full size); the next pruning macro-step compacts again. calibrate ends
+        with this, so after it the model is the full-size masked model, as without compaction."""
+        if self._phys is None:
+            return
+        was = self._attached
+        self.detach()
+        if was:
+            self.attach()
+
+    # -- compaction ------------------------------------------------------------------------------
+    @property
+    def compacted(self) -> bool:
+        """True while the model is physically shrunk to its live units."""
+        return self._phys is not None
+
+    def enable_compaction(self) -> None:
+        """Start compacting (idempotent): takes the host copy of the model's weights now."""
+        self.compact = True
+        if self._orig is None:
+            orig = copy.deepcopy(self.model)
+            detach_masks(orig)
+            self._orig = orig.to("cpu")
+
+    @torch.no_grad()
+    def compact_(self) -> None:
+        """Rebuild the model in place (same top-level object) at the shapes the adapter's plan gives
+        for the current masks, from the host copy of the original weights, NOT folding the masks:
+        every kept channel keeps its mask value (0 or not) and its gradient lands in its arena slot.
+        Exact: a unit the plan removes contributes exactly zero to the masked model, so its mask
+        gradient there is exactly zero too (docs/METHOD.md "Compaction"). Called after every
+        macro-step that pruned and by :meth:`load_state_dict`; call it yourself after writing to
+        ``pruner.masks`` by hand. Masks that would cut a unit's block apart leave the model as it
+        is (the masks are still refreshed)."""
+        if self._orig is None:
+            self.enable_compaction()
+        masks = {n: m.detach().cpu() for n, m in self.masks.items()}
+        plan = self.adapter.plan(self._orig, masks)
+        phys = _Physical.build(self.arena, self.sites, plan, self._orig)
+        if phys is None:  # a partial block: keep the layout, refresh the mask values
+            if self._phys is not None:
+                self._phys.refresh(self.arena)
+            return
+        dev = _device_of(self.model)
+        was_attached = self._attached
+        detach_masks(self.model)
+        new = copy.deepcopy(self._orig)
+        sd = new.state_dict()
+        keys = list(plan.keep)
+        gathered = K.repack(
+            [sd[k] for k in keys],
+            [None if plan.keep[k].get("rows") is None else torch.as_tensor(plan.keep[k]["rows"], dtype=torch.long)
+             for k in keys],
+            [None if plan.keep[k].get("cols") is None else torch.as_tensor(plan.keep[k]["cols"], dtype=torch.long)
+             for k in keys],
+        )
+        self.adapter.apply_plan(new, plan)
+        load_exact(new, {**sd, **dict(zip(keys, gathered))})
+        new.to(dev)
+        for p_ in new.parameters():
+            p_.requires_grad_(False)
+        new.train(self.model.training)
+        _transplant(self.model, new)
+        self._phys = phys.to(dev)
+        self._phys.refresh(self.arena)
+        if was_attached:
+            self._phys.attach(self.model, self.needs_sq, self._wanda_paths())
 
     # -- the schedule ----------------------------------------------------------------------------
     def ratio_per_step(self) -> float:
@@ -199,10 +305,14 @@ class Pruner:
         """One macro step now (SPEC steps 4-6) over everything accumulated since the last one."""
         if self.done:
             self.arena.zero_grad_()
+            if self._phys is not None:
+                self._phys.zero_()
             return StepInfo(self.macro_steps, 0, self.arena.n_live(), self.arena.n_units, True)
         total = self.arena.n_units
         r = self.ratio_per_step() if ratio is None else ratio
         floor_live = total - math.floor(self.max_prune_ratio * total)
+        if self._phys is not None:  # the compacted model's sums into their arena slots (one op)
+            self._phys.flush_(self.arena, self._act_sq)
         if self.comm is not None:  # one flat all-reduce of the macro-batch's sums, before scoring
             self.comm.reduce_(self)
         score = self._static_score() if self.criterion in ("magnitude", "wanda") else None
@@ -219,14 +329,17 @@ class Pruner:
         self.done = capped
         info = StepInfo(self.macro_steps, res.pruned, res.live_after, total, capped)
         self.history.append(info)
+        if self.compact and res.pruned > 0:
+            self.compact_()
         return info
 
     @torch.no_grad()
     def _static_score(self) -> torch.Tensor:
         """Flat magnitude / Wanda scores (one pass over the weights; not gradient based)."""
         out = torch.zeros(self.arena.n_units, device=self.arena.device)
+        src = self._orig if self._phys is not None else self.model  # full-size weights
         for s in self.sites:
-            w = self.model.get_submodule(s.path).weight
+            w = src.get_submodule(s.path).weight.to(self.arena.device)
             for side, spec, dim in (("in", s.mask_in, 1), ("out", s.mask_out, 0)):
                 if spec is None:
                     continue
@@ -255,11 +368,128 @@ class Pruner:
         self.arena.load_state_dict(state["arena"])
         self.macro_steps = state["macro_steps"]
         self.done = state["done"]
+        if self._phys is not None or (self.compact and self.arena.n_live() < self.arena.n_units):
+            self.compact_()
 
     def repack(self) -> nn.Module:
         """A new, physically smaller model (same class) computing what the masked model computes;
         the pruned model carries its plan as ``model.tsprune_plan``. The original is untouched."""
         masks = {n: m.detach().clone() for n, m in self.masks.items()}
-        new, plan = repack_model(self.model, self.adapter, self.sites, masks)
+        src = self.model
+        if self._phys is not None:  # from the original weights, exactly as without compaction
+            src = _host_copy_to(self._orig, self.model, _device_of(self.model))
+        new, plan = repack_model(src, self.adapter, self.sites, masks)
         new.tsprune_plan = plan
         return new
+
+
+# -- compaction internals ----------------------------------------------------------------------------
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _host_copy_to(orig: nn.Module, like: nn.Module, device: torch.device) -> nn.Module:
+    new = copy.deepcopy(orig).to(device)
+    new.train(like.training)
+    return new
+
+
+_KEEP_OWN = ("training",)
+
+
+def _transplant(dst: nn.Module, src: nn.Module) -> None:
+    """Make ``dst`` (the object the user holds) compute what ``src`` computes: its submodules,
+    parameters, buffers and attributes are replaced by ``src``'s; its own hooks and mode stay."""
+    keep = {k: v for k, v in dst.__dict__.items() if "hook" in k or k in _KEEP_OWN}
+    dst.__dict__.clear()
+    dst.__dict__.update(src.__dict__)
+    dst.__dict__.update(keep)
+
+
+class _Physical:
+    """Mask buffers of the compacted model and where each entry lives in the arena.
+
+    mask [P] fp32 (the gathered arena values of every physically present unit), acc [2, P]
+    (gradient sums, squared per-sample sums), idx [P] int64 (arena position of each entry),
+    views: site path -> {side: (offset, units, block)}; act: site path -> kept input channels
+    (Wanda's per-channel sums, None = all)."""
+
+    def __init__(self, idx: torch.Tensor, views: dict, act_cols: dict):
+        self.idx = idx
+        self.mask = torch.ones(idx.numel())
+        self.acc = torch.zeros(2, idx.numel())
+        self.views = views
+        self.act_cols = act_cols
+        self.act_sq: dict[str, torch.Tensor] = {}
+        self._leaf: dict[tuple[str, str], torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, arena, sites, plan, orig) -> "_Physical | None":
+        idx, views, act_cols, off = [], {}, {}, 0
+        for s in sites:
+            spec_l = plan.linears.get(s.path)
+            if spec_l is not None and spec_l.get("zero"):
+                continue  # a ZeroLinear: no weight, nothing to mask; its units' gradients are 0
+            keep = plan.keep.get(f"{s.path}.weight", {})
+            lin = orig.get_submodule(s.path)
+            act_cols[s.path] = keep.get("cols")
+            for side, spec, key, width in (("in", s.mask_in, "cols", lin.in_features),
+                                           ("out", s.mask_out, "rows", lin.out_features)):
+                if spec is None:
+                    continue
+                ch = keep.get(key)
+                ch = torch.arange(width) if ch is None else torch.as_tensor(ch, dtype=torch.long)
+                units = ch[:: spec.block] // spec.block
+                if ch.numel() % spec.block or not torch.equal(
+                        ch, (units[:, None] * spec.block + torch.arange(spec.block)).reshape(-1)):
+                    return None
+                slot = arena.slots[s.mask_name(side)]
+                idx.append(units + slot.offset)
+                views.setdefault(s.path, {})[side] = (off, units.numel(), spec.block)
+                off += units.numel()
+        return cls(torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long), views, act_cols)
+
+    def to(self, device) -> "_Physical":
+        self.idx, self.mask, self.acc = self.idx.to(device), self.mask.to(device), self.acc.to(device)
+        return self
+
+    def refresh(self, arena) -> None:
+        with torch.no_grad():
+            self.mask.copy_(arena.mask[self.idx])
+
+    def zero_(self) -> None:
+        self.acc.zero_()
+        for a in self.act_sq.values():
+            a.zero_()
+
+    def attach(self, model: nn.Module, needs_sq: bool, wanda_paths=()) -> None:
+        for path, sides in self.views.items():
+            lin = model.get_submodule(path)
+            b = MaskBinding()
+            for side, (o, u, blk) in sides.items():
+                leaf = self._leaf.get((path, side))
+                if leaf is None:
+                    leaf = self.mask[o : o + u].detach().requires_grad_(True)
+                    self._leaf[(path, side)] = leaf
+                setattr(b, f"mask_{side}", leaf)
+                setattr(b, f"block_{side}", blk)
+                setattr(b, f"grad_{side}", self.acc[0, o : o + u])
+                if needs_sq:
+                    setattr(b, f"sq_{side}", self.acc[1, o : o + u])
+            if path in wanda_paths:
+                b.act_sq = self.act_sq.setdefault(path, torch.zeros(lin.in_features, device=self.mask.device))
+            attach(lin, b)
+
+    def flush_(self, arena, full_act_sq: dict) -> None:
+        """acc -> arena.acc[:, idx] (one index_add_), Wanda sums -> their full-size buffers; zeroes."""
+        arena.acc.index_add_(1, self.idx, self.acc)
+        for path, a in self.act_sq.items():
+            cols = self.act_cols.get(path)
+            full = full_act_sq[path]
+            if cols is None:
+                full.add_(a)
+            else:
+                full.index_add_(0, torch.as_tensor(cols, dtype=torch.long, device=a.device), a)
+        self.zero_()

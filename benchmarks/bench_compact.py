@@ -1,0 +1,226 @@
+"""Issue 11: calibration that gets cheaper as it prunes (Pruner(compact=True)), side by side in one
+process, median after warm-up (benchmarks/_common.bench, runs interleaved round-robin).
+
+(a) One calibration step (forward + backward, frozen weights, micro-batch ``--batch``) at
+    Chronos-Bolt-small sizes (random init) AFTER one taylor macro-step that pruned about half the
+    units: dense model without masks; plain PyTorch autograd masks (mask tensors with
+    requires_grad on every Linear, the reference code's way) holding the same mask values; tsprune
+    masks-only (compact=False); tsprune compacted (compact=True); the repacked model (frozen; the
+    first layer's weight needs grad so backward traverses the stack, as in calibration).
+(b) A whole calibration (tsprune.train.calibrate) on ETTh1 windows with the model of ``--whole``
+    ("default": the embedded default; "small": Chronos-Bolt-small sizes), compact vs masks-only vs
+    plain autograd masks (the same arena scoring and global select, only the mask gradients come
+    from autograd), wall time and windows/s, and whether the three pruned the same units.
+
+    python benchmarks/bench_compact.py [--batch 8] [--reps 3] [--tiny] [--whole default]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from _common import bench, write  # noqa: E402
+from bench_pipeline import BOLT_SMALL, BOLT_TINY, attach_autograd_masks  # noqa: E402
+
+import tsprune  # noqa: E402
+from tsprune.pretrain import build_model  # noqa: E402
+
+
+def _frozen(m):
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m.eval()
+
+
+def _set_plain_masks(plain, pruner):
+    """Copy the pruner's mask values (expanded over blocks) into the autograd-mask baseline."""
+    masks = pruner.masks
+    for s in pruner.sites:
+        d = plain.get_submodule(s.path)._plain_masks
+        for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
+            if spec is not None:
+                with torch.no_grad():
+                    d[side].copy_(masks[s.mask_name(side)].repeat_interleave(spec.block))
+
+
+def step_table(cfg, batch, reps):
+    base = _frozen(build_model(cfg, seed=0))
+    L, H = cfg["chronos_config"]["context_length"], cfg["chronos_config"]["prediction_length"]
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(batch, L, generator=g).cumsum(-1)
+    tgt = ctx[:, -H:] + torch.randn(batch, H, generator=g)
+
+    runs = {}
+    for name, compact in (("tsprune_masks_only", False), ("tsprune_compact", True)):
+        m = copy.deepcopy(base)
+        pr = tsprune.Pruner(m, criterion="taylor", prune_ratio_per_epoch=0.5, macro_batch_size=batch,
+                            compact=compact).attach()
+        pr.adapter.loss(m, ctx, tgt).backward()
+        info = pr.step(batch)  # one macro-step: about half the live units (+ zero-score ones) go
+        runs[name] = (m, pr, info)
+    mo, pro, info = runs["tsprune_masks_only"]
+    mc, prc, _ = runs["tsprune_compact"]
+    same = all(torch.equal(a != 0, b != 0) for a, b in zip(pro.masks.values(), prc.masks.values()))
+    plain = copy.deepcopy(base)
+    mask_params = attach_autograd_masks(plain, pro.sites)
+    _set_plain_masks(plain, pro)
+    repacked = _frozen(pro.repack())
+    dense = copy.deepcopy(base)
+    req = {}
+    for k, mm in (("dense", dense), ("repacked", repacked)):
+        req[k] = next(mm.input_patch_embedding.parameters())
+        req[k].requires_grad_(True)
+
+    def fwd_bwd(mm, pr_):
+        def f():
+            pr_.adapter.loss(mm, ctx, tgt).backward()
+            pr_.arena.zero_grad_()
+            if pr_._phys is not None:
+                pr_._phys.zero_()
+        return f
+
+    def plain_step():
+        for mp in mask_params:
+            mp.grad = None
+        pro.adapter.loss(plain, ctx, tgt).backward()
+
+    def unmasked(k, mm):
+        def f():
+            req[k].grad = None
+            pro.adapter.loss(mm, ctx, tgt).backward()
+        return f
+
+    cases = {"dense_no_masks": unmasked("dense", dense), "autograd_masks": plain_step,
+             "tsprune_masks_only": fwd_bwd(mo, pro), "tsprune_compact": fwd_bwd(mc, prc),
+             "repacked": unmasked("repacked", repacked)}
+    r = bench(cases, warmup=1, reps=reps)
+    d = r["dense_no_masks"]["median_ms"]
+    for v in r.values():
+        v["vs_dense"] = v["median_ms"] / d
+    n = lambda mm: sum(p.numel() for p in mm.parameters())  # noqa: E731
+    meta = {"pruned_units_fraction": pro.pruned_fraction(), "params_dense": n(dense),
+            "params_compacted": n(mc), "params_repacked": n(repacked), "same_masks": same,
+            "macro_step": {"pruned": info.pruned, "live": info.live, "total": info.total}}
+    print(f"(a) step after one macro-step ({meta['pruned_units_fraction']:.1%} of units pruned; batch {batch} x "
+          f"context {L}; {meta['params_dense']:,} -> {meta['params_compacted']:,} parameters):")
+    for k, v in r.items():
+        print(f"  {k:20s} {v['median_ms']:8.1f} ms  {v['vs_dense']:.2f}x dense")
+    for m_ in (mo, mc):
+        pass
+    pro.detach()
+    prc.detach()
+    return {"steps": r, **meta}
+
+
+class _AutogradMaskPruner:
+    """The baseline of (b): the Pruner's own arena, scoring and select, but mask gradients from
+    plain autograd over mask tensors (one per Linear side), copied into the arena before each step."""
+
+    def __init__(self, model, pruner):
+        self.p = pruner
+        self.model = model
+        self.params = attach_autograd_masks(model, pruner.sites)
+        self.slots = []
+        for s in pruner.sites:
+            d = model.get_submodule(s.path)._plain_masks
+            for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
+                if spec is not None:
+                    self.slots.append((d[side], s.mask_name(side), spec.block))
+        self._sync()
+
+    def _sync(self):
+        with torch.no_grad():
+            for t, name, blk in self.slots:
+                t.copy_(self.p.masks[name].repeat_interleave(blk))
+
+    def step(self, n):
+        self.p._seen += n
+        if self.p._seen < self.p.macro_batch_size:
+            return
+        self.flush_and_prune()
+
+    def flush_and_prune(self):
+        with torch.no_grad():
+            for t, name, blk in self.slots:
+                if t.grad is not None:
+                    self.p.arena.grad_view(name).add_(t.grad.view(-1, blk).sum(1))
+                    t.grad = None
+        self.p._seen = 0
+        self.p.prune_now()
+        self._sync()
+
+
+def whole_calibration(which, windows, epochs):
+    from tsprune.data import load_task
+    from tsprune.models import load_model
+    from tsprune.train import calibrate, frozen
+
+    if which == "default":
+        base = load_model("default")
+    else:
+        base = build_model(BOLT_SMALL, seed=0)
+    task = load_task("ETTh1", lookback=base.config.chronos_config["context_length"], horizon=96,
+                     max_train_windows=windows, max_val_windows=max(64, windows // 8))
+    out, masks = {}, {}
+    for name in ("tsprune_compact", "tsprune_masks_only", "autograd_masks"):
+        m = copy.deepcopy(base)
+        pr = tsprune.Pruner(m, criterion="taylor", ema=0.5, prune_ratio_per_epoch=0.3,
+                            macro_batch_size=max(1, windows // 4), compact=name == "tsprune_compact")
+        t = time.perf_counter()
+        if name == "autograd_masks":
+            # the same loop as calibrate's, with autograd mask gradients
+            ag = _AutogradMaskPruner(m, pr)
+            with frozen(m):
+                m.eval()
+                for ep in range(epochs):
+                    for i in range(0, len(task.train), 8):
+                        idx = list(range(i, min(i + 8, len(task.train))))
+                        ctx, tgt = task.train.batch(idx)
+                        pr.adapter.loss(m, ctx, tgt).backward()
+                        ag.step(len(idx))
+                    if pr._seen:
+                        ag.flush_and_prune()
+        else:
+            calibrate(m, pr, task.train, task.val, epochs=epochs, batch_size=8, val_tolerance=10.0,
+                      patience=epochs, seed=0)
+        dt = time.perf_counter() - t
+        masks[name] = {k: v.clone() for k, v in pr.masks.items()}
+        out[name] = {"wall_s": dt, "windows_per_s": epochs * len(task.train) / dt,
+                     "pruned_fraction": pr.pruned_fraction()}
+    ref = masks["tsprune_masks_only"]
+    for name in out:
+        out[name]["same_masks_as_masks_only"] = all(torch.equal(ref[k] != 0, masks[name][k] != 0) for k in ref)
+        out[name]["speedup_vs_autograd"] = out["autograd_masks"]["wall_s"] / out[name]["wall_s"]
+    print(f"(b) whole calibration, {which} model, ETTh1 {len(task.train)} train windows x {epochs} epochs "
+          "(validation included for the tsprune rows):")
+    for k, v in out.items():
+        print(f"  {k:20s} {v['wall_s']:8.1f} s  {v['windows_per_s']:7.1f} windows/s  "
+              f"{v['speedup_vs_autograd']:.2f}x autograd  same masks: {v['same_masks_as_masks_only']}")
+    return {"model": which, "train_windows": len(task.train), "epochs": epochs, "runs": out}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="tiny model for (a) (smoke test)")
+    p.add_argument("--whole", default="default", choices=["default", "small", "none"])
+    p.add_argument("--windows", type=int, default=512, help="train windows of (b)")
+    p.add_argument("--epochs", type=int, default=2)
+    a = p.parse_args(argv)
+    cfg = BOLT_TINY if a.tiny else BOLT_SMALL
+    res = {"config": cfg, "batch": a.batch, "step": step_table(cfg, a.batch, a.reps)}
+    if a.whole != "none":
+        res["whole"] = whole_calibration(a.whole, a.windows, a.epochs)
+    print("wrote", write("compact" + ("_tiny" if a.tiny else ""), res))
+
+
+if __name__ == "__main__":
+    main()
