@@ -125,15 +125,21 @@ def _monitor_batch(seed: int, real: list[np.ndarray], n: int = 256):
 
 def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float = 1e-3, warmup: int = 300,
              seed: int = 0, amp: bool = True, ckpt_minutes: float = 5.0, max_minutes: float | None = None,
-             pool_size: int = 2048):
-    """Train (or resume) until ``steps`` or ``max_minutes``; returns (model, info)."""
+             pool_size: int = 2048, shape: dict | None = None):
+    """Train (or resume) until ``steps`` or ``max_minutes``; returns (model, info).
+
+    ``shape``: overrides of DEFAULT_CONFIG (d_model, d_kv, num_heads, d_ff, layers); stored in the
+    checkpoint, so a resumed or exported run rebuilds the same shape."""
     from .corpus import Corpus, real_train_series
 
     ckpt = pathlib.Path(ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     log = _Log(ckpt.with_name(ckpt.name + ".log.jsonl"))
     real, real_desc = real_train_series(REAL_SOURCES)
-    model = build_model(seed=seed)
+    if ckpt.is_file():  # the checkpoint's shape wins over the command line's
+        shape = torch.load(ckpt, map_location="cpu", weights_only=False)["config"].get("shape", shape)
+    shape = dict(shape or {})
+    model = build_model(shape, seed=seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     state = {"step": 0, "samples": 0, "wall_s": 0.0, "counts": [0, 0, 0]}
@@ -158,7 +164,7 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
                       "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                       "config": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "seed": seed,
-                                 "amp": amp, "real": real_desc}}, ckpt)
+                                 "amp": amp, "real": real_desc, "shape": shape}}, ckpt)
 
     t_start = time.time()
     wall0 = state["wall_s"]
@@ -224,7 +230,7 @@ def export(ckpt: pathlib.Path, out: pathlib.Path, storage: str = "bfloat16") -> 
 
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     c = saved["config"]
-    model = build_model(seed=c["seed"])
+    model = build_model(c.get("shape") or {}, seed=c["seed"])
     model.load_state_dict(saved["model"])
     model.eval()
     info = info_from(saved["state"], c["steps"], c["batch"], c["lr"], c["warmup"], c["seed"], c["amp"], c["real"])
@@ -249,7 +255,15 @@ def main(argv=None):
     p.add_argument("--ckpt-minutes", type=float, default=5.0)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--pool-size", type=int, default=2048)
+    p.add_argument("--d-model", type=int, default=None, help="residual width (default 256, the official tiny)")
+    p.add_argument("--d-ff", type=int, default=None, help="FFN width (default 1024)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")
+    p.add_argument("--d-kv", type=int, default=None, help="head dim (default 64)")
+    p.add_argument("--layers", type=int, default=None, help="encoder and decoder layers each (default 4)")
     a = p.parse_args(argv)
+    shape = {k: v for k, v in (("d_model", a.d_model), ("d_ff", a.d_ff), ("num_heads", a.heads),
+                               ("d_kv", a.d_kv), ("num_layers", a.layers), ("num_decoder_layers", a.layers))
+             if v is not None}
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.export:
@@ -257,7 +271,7 @@ def main(argv=None):
         return
     amp = cpu_has_bf16() if a.amp == "auto" else a.amp == "bf16"
     pretrain(pathlib.Path(a.ckpt), a.steps, a.batch, a.lr, a.warmup, a.seed, amp, a.ckpt_minutes,
-             a.max_minutes, a.pool_size)
+             a.max_minutes, a.pool_size, shape)
 
 
 if __name__ == "__main__":
