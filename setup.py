@@ -144,6 +144,7 @@ setup(
         f"triton; {_on_linux_x86}",
         "chronos-forecasting",
         "transformers>=5",
+        "peft>=0.21",  # LoRA fine-tuning (--lora-rank); imported only then. 0.21.2 tested with transformers 5
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
     zip_safe=False,

@@ -205,7 +205,8 @@ def _prune(model, task, a, out: pathlib.Path, *, ratio=None, ema=None, seed=None
         _log(f"calibrate: {len(train):,} of {len(task.train):,} train windows per epoch (--calib-windows)")
     pruner = Pruner(model, criterion=a.criterion, ema=ema, block=a.block, heads=a.heads,
                     prune_ratio_per_epoch=ratio, macro_batch_size=a.macro_batch_size,
-                    samples_per_epoch=len(train), max_prune_ratio=a.max_prune_ratio, residual=a.residual)
+                    samples_per_epoch=len(train), max_prune_ratio=a.max_prune_ratio, residual=a.residual,
+                    compact=False if a.no_compact else None)
     _log(f"calibrate: criterion {a.criterion}, prune ratio per epoch {ratio:g}, ema {ema:g}, "
          f"macro-batch {a.macro_batch_size}, at most {a.calib_epochs} epochs, cap {a.max_prune_ratio:.0%} of units")
     t = time.time()
@@ -267,7 +268,8 @@ def _finetune(model, adapter, task, a, *, lr=None, seed=None, log=_log):
                     lr=a.lr if lr is None else lr, batch_size=a.batch_size, patience=a.ft_patience,
                     warmup=a.warmup, schedule=a.schedule, eval_every=a.eval_every, select=a.select,
                     weight_decay=a.weight_decay, amp=a.amp, eval_batch_size=a.eval_batch_size,
-                    seed=a.seed if seed is None else seed, progress=a.progress, log=log)
+                    seed=a.seed if seed is None else seed, progress=a.progress, log=log,
+                    lora=a.lora_rank or None)
 
 
 def _brief(h: dict) -> dict:
@@ -354,6 +356,7 @@ def cmd_run(a) -> dict:
                      "train": h})
         del m
     results["finetune"] = _setting(runs, c)
+    results["finetune"]["lora_rank"] = a.lora_rank
     _log(f"finetune (lr {c['lr']:g}): test MSE {results['finetune']['mse']:.4f}"
          + (f" ± {results['finetune']['mse_std']:.4f} over {len(seeds)} seeds" if len(seeds) > 1 else ""))
 
@@ -400,6 +403,7 @@ def cmd_run(a) -> dict:
         del sm
     results["prune_finetune"] = _setting(runs, c)
     results["prune_finetune"]["prune"] = rep
+    results["prune_finetune"]["lora_rank"] = a.lora_rank
     results["prune_finetune"]["pruned_units_fraction"] = statistics.mean(
         r["prune"]["pruned_units_fraction"] for r in runs)
     results["nothing_pruned"] = any(r["prune"]["nothing_pruned"] for r in runs)
@@ -485,7 +489,7 @@ def cmd_finetune(a) -> dict:
     adapter = get_adapter(model)
     task = _task(a, model)
     hist = _finetune(model, adapter, task, a)
-    res = {**_metrics(model, adapter, task.test, a), "train": hist}
+    res = {**_metrics(model, adapter, task.test, a), "lora_rank": a.lora_rank, "train": hist}
     save_pruned(model, out / "model", extra={"data": task.name, "finetuned": True})
     _write_json(out / "finetune.json", res)
     print(f"test MSE {res['mse']:.4f} MAE {res['mae']:.4f} on {_windows(res)}; saved {out / 'model'}")
@@ -629,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(0: keep the best)")
         g.add_argument("--residual", action="store_true",
                        help="also mask residual-stream sides (paper behaviour; those zeros stay as zero weights)")
+        g.add_argument("--no-compact", action="store_true",
+                       help="calibrate on the full-size masked model (default: after every macro-step that "
+                            "prunes, the model is shrunk to its live units, exactly; pruned units cost nothing)")
 
     def ft_args(sp):
         g = sp.add_argument_group("fine-tuning (stage 2)")
@@ -647,6 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what the checks compare: validation MSE (the reported metric) or the model's own loss")
         g.add_argument("--ft-patience", type=_num(int, 0), default=0,
                        help="stop after this many checks in a row without a gain (0: run the whole budget)")
+        g.add_argument("--lora-rank", type=_num(int, 0), default=0,
+                       help="train rank-R LoRA adapters on every Linear (peft; alpha 2R) instead of every "
+                            "weight, merged into the weights at the end: the saved model needs no peft "
+                            "(0: full fine-tuning)")
 
     def run_args(sp):
         g = sp.add_argument_group("selection and seeds")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -66,14 +68,15 @@ def n_batches(ds: WindowDataset, batch_size: int) -> int:
 @contextmanager
 def frozen(model: nn.Module):
     """All parameters frozen inside (stage 1: only masks get gradients); restored afterwards."""
-    flags = [p.requires_grad for p in model.parameters()]
+    # by name: a compacting Pruner replaces the parameters inside (and restores them on detach)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
 
 
 #: What each family's own training loss is (for log lines and results; the adapter's ``loss``).
@@ -188,7 +191,8 @@ def calibrate(
     log: Callable[[str], None] | None = None,
     eval_batch_size: int | None = None,
 ) -> CalibrationResult:
-    """SPEC stage 1: frozen weights, masks on every site, gradient accumulation into the arena,
+    """SPEC stage 1: frozen weights (model in eval mode: no dropout), masks on every site,
+    gradient accumulation into the arena,
     pruning at macro-batch boundaries, validation each epoch with patience, restore of the best
     masks (masks only: no weight is ever changed, so an earlier, less-pruned best comes back whole).
 
@@ -238,6 +242,13 @@ def calibrate(
             raise ValueError(f"calibrate: criterion {pruner.criterion!r} reads whole weights outside the "
                              "forward and is not supported on a sharded (FSDP) model yet; use taylor, "
                              "taylor2 or fisher")
+    if pruner.compact is None:  # on by default here: pruned units then cost nothing (issue 11)
+        if sharded:
+            notes.append("compaction is off: the model is sharded (FSDP)")
+        else:
+            pruner.enable_compaction()
+    elif pruner.compact and sharded:
+        raise ValueError("calibrate: Pruner(compact=True) cannot rebuild a sharded (FSDP) model; use compact=False")
     for n_ in notes:
         if log:
             log(f"calibrate: {n_}")
@@ -253,7 +264,11 @@ def calibrate(
             log(f"calibrate epoch 0 (no pruning): val {lname} {best[0]:.4f} over {len(val):,} windows")
         best_epoch, bad, seen, stop = 0, 0, 0, f"all {epochs} epochs ran"
         for ep in range(1, epochs + 1):
-            model.train()
+            # eval mode: no dropout and no BatchNorm statistics updates. Scores are gradients of the
+            # function the model computes at inference; the weights (and statistics) stay frozen;
+            # and a compacted model, whose dropout would draw different random numbers, scores
+            # exactly what the full-size masked model scores.
+            model.eval()
             pruner.start_epoch()
             it = batch_indices(len(train), batch_size, shuffle=True, seed=seed + ep)
             for idx in _progress(it, n_batches(train, batch_size), f"calibrate {ep}", progress):
@@ -263,7 +278,8 @@ def calibrate(
                     loss = adapter.loss(model, ctx.to(dev), tgt.to(dev))
                     if len(mine) != len(idx):  # the loss is a batch mean: make it a share of the global one
                         loss = loss * (len(mine) / len(idx))
-                    loss.backward()
+                    if loss.requires_grad:  # a compacted model may have no live mask left on any path
+                        loss.backward()
                 elif sharded:  # empty shard under FSDP: a zero-weight pass keeps the collectives paired
                     ctx, tgt = train.batch(idx[:1])
                     (adapter.loss(model, ctx.to(dev), tgt.to(dev)) * 0.0).backward()
@@ -293,6 +309,7 @@ def calibrate(
                 stop = f"stopped after epoch {ep}: {bad} epoch(s) without a kept improvement (patience {patience})"
                 break
         pruner.load_state_dict(best[1])
+        pruner.expand_()  # hand back the full-size masked model (plan / repack / save work on it)
     kept = hist[best_epoch]
     if best_epoch == 0:
         why = (f"no pruned epoch had a val {lname} within {val_tolerance:.2%} of the unpruned model's "
@@ -328,6 +345,155 @@ def lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
 
 
+#: LoRA fine-tuning imports peft lazily, only when asked for; without it, this one-line error.
+_PEFT_HINT = "LoRA fine-tuning (lora / --lora-rank) needs the peft package: pip install peft"
+
+
+def lora_settings(lora) -> dict | None:
+    """Normalise ``finetune``'s ``lora`` argument: None / 0 (full fine-tuning) -> None; an int rank R
+    or a dict ``{"rank": R, "alpha": A, "dropout": P}`` -> ``{"rank", "alpha", "dropout"}``.
+    Defaults: alpha = 2 R (the update is scaled by alpha / R = 2), dropout 0."""
+    if lora is None:
+        return None
+    if isinstance(lora, dict):
+        extra = set(lora) - {"rank", "alpha", "dropout"}
+        if extra or "rank" not in lora:
+            raise ValueError(f"finetune: lora must be an int rank or a dict with 'rank' (and optional 'alpha', "
+                             f"'dropout'), got {lora!r}")
+        rank, alpha, dropout = lora["rank"], lora.get("alpha"), lora.get("dropout", 0.0)
+    else:
+        rank, alpha, dropout = lora, None, 0.0
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+        raise ValueError(f"finetune: the LoRA rank must be an int >= 0 (0: full fine-tuning), got {rank!r}")
+    if rank == 0:
+        return None
+    alpha = 2.0 * int(rank) if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"finetune: the LoRA alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"finetune: the LoRA dropout must be in [0, 1), got {dropout!r}")
+    return {"rank": int(rank), "alpha": float(alpha), "dropout": float(dropout)}
+
+
+def _import_peft():
+    try:
+        import peft  # noqa: F401
+        from peft import LoraConfig, LoraModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError as e:
+        raise ImportError(f"{_PEFT_HINT} ({type(e).__name__}: {e})") from None
+    return LoraConfig, LoraModel, BaseTunerLayer
+
+
+class _LoraHost(nn.Module):
+    """A plain module holding the model while peft injects its layers: peft then sees no HF config
+    and no ``_tied_weights_keys`` at the top (its tied-embedding probe calls get_input_embeddings,
+    which e.g. Chronos-Bolt does not implement), and its bookkeeping attribute ``peft_config`` lands
+    here, not on the model. Tied weights are handled by :func:`add_lora` itself."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+
+def lora_targets(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """(paths of the nn.Linear modules LoRA wraps, {path: why not} for the Linears it leaves alone).
+
+    Every nn.Linear is a target except one with an empty side (nothing to adapt) and one whose weight
+    is shared with another parameter (e.g. classic Chronos's lm_head, tied to the token embedding:
+    merging into it would also change the embedding, so the merged model would differ)."""
+    owners: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    targets, skipped = [], {}
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or not path:
+            continue
+        if m.in_features == 0 or m.out_features == 0:
+            skipped[path] = f"empty ({m.in_features} -> {m.out_features})"
+            continue
+        tied = [n for n in owners.get(id(m.weight), []) if n != f"{path}.weight"]
+        if tied:
+            skipped[path] = f"weight tied to {', '.join(tied)}"
+            continue
+        targets.append(path)
+    return targets, skipped
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0) -> dict:
+    """Wrap the model's nn.Linear layers (:func:`lora_targets`) in peft LoRA layers, in place: the
+    model stays the same object and class (its adapter keeps working), every base parameter is frozen
+    and only the LoRA A / B matrices train. peft's default init (A random, B = 0) leaves the model's
+    function unchanged. Undo with :func:`merge_lora`. Returns the settings and counts."""
+    cfg = lora_settings({"rank": rank, "alpha": alpha if alpha is not None else 2.0 * rank, "dropout": dropout})
+    if cfg is None:
+        raise ValueError("add_lora: rank must be >= 1")
+    LoraConfig, LoraModel, BaseTunerLayer = _import_peft()
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError("add_lora: the model already holds peft layers (merge_lora first)")
+    targets, skipped = lora_targets(model)
+    if not targets:
+        raise ValueError(f"add_lora: {type(model).__name__} has no nn.Linear layer LoRA can wrap")
+    pattern = "^(?:" + "|".join("model\\." + re.escape(t) for t in targets) + ")$"
+    conf = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], target_modules=pattern,
+                      bias="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. peft's notes on unknown model types
+        LoraModel(_LoraHost(model), conf, "default")  # injects into ``model`` in place
+    for n, p in model.named_parameters():  # peft freezes the base; make sure of it
+        p.requires_grad_(".lora_" in n)
+    wrapped = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
+    if wrapped != len(targets):
+        raise RuntimeError(f"add_lora: peft wrapped {wrapped} of the {len(targets)} Linear layers asked for")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {**cfg, "modules": len(targets), "skipped": skipped, "trainable_params": trainable}
+
+
+def merge_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Merge every peft LoRA layer of ``model`` into its base Linear's weight (W += alpha/rank B A;
+    ``merge=False`` drops the adapters instead) and put the base nn.Linear back in its place, in place:
+    the model then has exactly the module classes, parameter names and shapes it had before
+    :func:`add_lora` and needs no peft to run, save or load. Returns ``model``."""
+    _, _, BaseTunerLayer = _import_peft()
+    for path, m in list(model.named_modules()):
+        if not isinstance(m, BaseTunerLayer) or not path:
+            continue
+        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+        name = path.rpartition(".")[2]
+        if getattr(parent, name, None) is not m:  # inside a wrapper already replaced
+            continue
+        if merge:
+            m.merge(safe_merge=True)  # refuses to write a non-finite weight
+        base = m.get_base_layer()
+        base.train(m.training)
+        setattr(parent, name, base)
+    left = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft")]
+    if left:
+        raise RuntimeError(f"merge_lora: peft modules left in the model: {', '.join(left[:5])}")
+    return model
+
+
+@contextmanager
+def _trainable(model: nn.Module, lcfg: dict | None):
+    """Full fine-tuning: every parameter trainable. LoRA: adapters added inside, and on the way out
+    merged (if ``run["merge"]`` was set) or dropped, peft layers removed, requires_grad flags restored."""
+    run = {"lora": None, "merge": False}
+    if lcfg is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        yield run
+        return
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    run["lora"] = add_lora(model, **lcfg)
+    try:
+        yield run
+    finally:
+        merge_lora(model, merge=run["merge"])
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+
+
+
 def finetune(
     model: nn.Module,
     adapter: Adapter,
@@ -351,6 +517,7 @@ def finetune(
     select: str = "loss",
     amp: str | None = None,
     eval_batch_size: int | None = None,
+    lora: int | dict | None = None,
 ) -> dict:
     """SPEC stage 2: every weight trainable, AdamW, selection on validation.
 
@@ -367,8 +534,20 @@ def finetune(
     evaluation beat the starting weights (logged as a warning).
 
     ``amp="bf16"``: forward passes (training and validation) under bf16 autocast; weights,
-    gradients and optimiser state stay float32. Returns a dict with ``best_val_loss`` (the kept
-    validation score under ``select``), ``history`` (one entry per evaluation) and the above."""
+    gradients and optimiser state stay float32.
+
+    ``lora``: None or 0 trains every weight (the default); a rank R (or ``{"rank": R, "alpha": A,
+    "dropout": P}``, defaults alpha 2 R, dropout 0; :func:`lora_settings`) trains LoRA adapters
+    instead (the ``peft`` library, :func:`add_lora`): every nn.Linear gets rank-R A / B matrices, the
+    base weights stay frozen, selection keeps the best adapter weights as above, and at the end the
+    kept adapters are MERGED into the base weights and every peft layer is removed
+    (:func:`merge_lora`): the model keeps its module classes, parameter names and (pruned) shapes and
+    needs no peft to run, save or load. The starting model kept (``kept_step == 0``) is returned
+    exactly. On an error the adapters are dropped and the model is left as it came.
+
+    Returns a dict with ``best_val_loss`` (the kept validation score under ``select``),
+    ``history`` (one entry per evaluation), ``lora`` (None, or the LoRA settings with the number of
+    wrapped ``modules``, the ``skipped`` Linears and why, and ``trainable_params``) and the above."""
     if select not in SELECT:
         raise ValueError(f"finetune: select must be one of {SELECT}, got {select!r}")
     if schedule not in SCHEDULES:
@@ -379,6 +558,7 @@ def finetune(
         raise ValueError(f"finetune: batch_size >= 1, steps >= 0, epochs >= 0, patience >= 0 needed, "
                          f"got {batch_size}, {steps}, {epochs}, {patience}")
     autocast(amp)  # validates amp
+    lcfg = lora_settings(lora)
     ebs = eval_batch_size or batch_size
     per_epoch = n_batches(train, batch_size)
     total = int(steps) if steps is not None else epochs * per_epoch
@@ -396,68 +576,86 @@ def finetune(
         return mean_loss(model, adapter, val, ebs, amp=amp)
 
     seed_everything(seed)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, schedule))
-    t0 = time.time()
-    best_val = score()
-    best_state = copy.deepcopy(model.state_dict())
-    kept_step, kept_epoch = 0, 0
-    hist = [{"step": 0, "epoch": 0, "val": best_val, "val_metric": metric}]
-    hist[0]["val_loss"] = best_val  # older readers
-    if log:
-        log(f"finetune: {total} steps of batch {batch_size} ({total * batch_size / max(len(train), 1):.2f} "
-            f"epochs over {len(train):,} train windows), lr {lr:g}, warm-up {warm} steps, {schedule} "
-            f"schedule{', bf16 autocast' if amp else ''}; validation every {every} steps on {len(val):,} "
-            f"windows by {metric}; start: val {metric} {best_val:.4f}")
-    bad, step, ep, run_loss, run_n = 0, 0, 0, 0.0, 0
-    stop = f"the budget of {total} steps ran out"
-    stopped_early = False
-    while step < total:
-        ep += 1
-        model.train()
-        it = batches(train, batch_size, shuffle=True, seed=seed + 1000 + ep)
-        for ctx, tgt in _progress(it, min(per_epoch, total - step), f"finetune {ep}", progress):
-            opt.zero_grad(set_to_none=True)
-            with autocast(amp, dev):
-                loss = adapter.loss(model, ctx.to(dev), tgt.to(dev))
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            run_loss += float(loss.detach())
-            run_n += 1
-            end_of_epoch = step % per_epoch == 0
-            if step % every == 0 or step == total or (eval_every is None and end_of_epoch):
-                v = score()
-                h = {"step": step, "epoch": ep, "val": v, "val_metric": metric, "val_loss": v,
-                     "train_loss": run_loss / max(run_n, 1), "lr": opt.param_groups[0]["lr"]}
-                run_loss, run_n = 0.0, 0
-                improved = v < best_val
-                if improved:
-                    best_val, best_state, kept_step, kept_epoch, bad = v, copy.deepcopy(model.state_dict()), step, ep, 0
-                else:
-                    bad += 1
-                h["kept"] = improved
-                hist.append(h)
-                if log:
-                    log(f"finetune step {step}/{total} (epoch {ep}): train {lname} {h['train_loss']:.4f} "
-                        f"(mean since the last check), val {metric} {v:.4f}"
-                        + (" (best so far: kept)" if improved else
-                           f" (no gain on {best_val:.4f}: {bad} in a row" + (f", patience {patience})" if patience else ")")))
-                model.train()
-                if patience and bad >= patience and step < total:
-                    stop = f"stopped early at step {step}: {bad} validation checks in a row without a gain (patience {patience})"
-                    stopped_early = True
+    with _trainable(model, lcfg) as run:
+        lora_info = run["lora"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        if lora_info is None:
+            snapshot = lambda: copy.deepcopy(model.state_dict())  # noqa: E731
+        else:  # the base weights are frozen: keep the adapters and the buffers (e.g. BatchNorm statistics)
+            keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+            snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items() if k in keep}  # noqa: E731
+            if log:
+                log(f"finetune: LoRA rank {lora_info['rank']} (alpha {lora_info['alpha']:g}, dropout "
+                    f"{lora_info['dropout']:g}) on {lora_info['modules']} Linear layers (peft): "
+                    f"{lora_info['trainable_params']:,} trainable parameters; base weights frozen"
+                    + (f"; not wrapped: {', '.join(f'{k} ({v})' for k, v in lora_info['skipped'].items())}"
+                       if lora_info["skipped"] else ""))
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, schedule))
+        t0 = time.time()
+        best_val = score()
+        best_state = snapshot()
+        kept_step, kept_epoch = 0, 0
+        hist = [{"step": 0, "epoch": 0, "val": best_val, "val_metric": metric}]
+        hist[0]["val_loss"] = best_val  # older readers
+        if log:
+            log(f"finetune: {total} steps of batch {batch_size} ({total * batch_size / max(len(train), 1):.2f} "
+                f"epochs over {len(train):,} train windows), lr {lr:g}, warm-up {warm} steps, {schedule} "
+                f"schedule{', bf16 autocast' if amp else ''}; validation every {every} steps on {len(val):,} "
+                f"windows by {metric}; start: val {metric} {best_val:.4f}")
+        bad, step, ep, run_loss, run_n = 0, 0, 0, 0.0, 0
+        stop = f"the budget of {total} steps ran out"
+        stopped_early = False
+        while step < total:
+            ep += 1
+            model.train()
+            it = batches(train, batch_size, shuffle=True, seed=seed + 1000 + ep)
+            for ctx, tgt in _progress(it, min(per_epoch, total - step), f"finetune {ep}", progress):
+                opt.zero_grad(set_to_none=True)
+                with autocast(amp, dev):
+                    loss = adapter.loss(model, ctx.to(dev), tgt.to(dev))
+                loss.backward()
+                if grad_clip:
+                    nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                sched.step()
+                step += 1
+                run_loss += float(loss.detach())
+                run_n += 1
+                end_of_epoch = step % per_epoch == 0
+                if step % every == 0 or step == total or (eval_every is None and end_of_epoch):
+                    v = score()
+                    h = {"step": step, "epoch": ep, "val": v, "val_metric": metric, "val_loss": v,
+                         "train_loss": run_loss / max(run_n, 1), "lr": opt.param_groups[0]["lr"]}
+                    run_loss, run_n = 0.0, 0
+                    improved = v < best_val
+                    if improved:
+                        best_val, best_state, kept_step, kept_epoch, bad = v, snapshot(), step, ep, 0
+                    else:
+                        bad += 1
+                    h["kept"] = improved
+                    hist.append(h)
+                    if log:
+                        log(f"finetune step {step}/{total} (epoch {ep}): train {lname} {h['train_loss']:.4f} "
+                            f"(mean since the last check), val {metric} {v:.4f}"
+                            + (" (best so far: kept)" if improved else
+                               f" (no gain on {best_val:.4f}: {bad} in a row" + (f", patience {patience})" if patience else ")")))
+                    model.train()
+                    if patience and bad >= patience and step < total:
+                        stop = f"stopped early at step {step}: {bad} validation checks in a row without a gain (patience {patience})"
+                        stopped_early = True
+                        break
+                if step >= total:
                     break
-            if step >= total:
+            if stopped_early:
                 break
-        if stopped_early:
-            break
-    model.load_state_dict(best_state)
+        if lora_info is None:
+            model.load_state_dict(best_state)
+        else:
+            res = model.load_state_dict(best_state, strict=False)
+            if res.unexpected_keys:
+                raise RuntimeError(f"finetune: unexpected keys restoring the kept LoRA weights: {res.unexpected_keys[:5]}")
+            run["merge"] = kept_step > 0  # the start kept: dropping the adapters returns it exactly
     model.eval()
     n_checks = len(hist) - 1
     if kept_step == 0:
@@ -474,4 +672,6 @@ def finetune(
             "kept_epoch": kept_epoch, "kept_val": best_val, "start_val": hist[0]["val"], "steps": step,
             "budget_steps": total, "stopped_early": stopped_early, "reason": reason, "lr": lr,
             "warmup_steps": warm, "schedule": schedule, "batch_size": batch_size, "amp": amp,
+            "lora": None if lora_info is None else {k: lora_info[k] for k in ("rank", "alpha", "dropout", "modules",
+                                                                            "trainable_params", "skipped")},
             "seconds": round(time.time() - t0, 2), "history": hist}
