@@ -1,0 +1,165 @@
+"""Issue 10: the paper's table on the embedded default model.
+
+For each cell (data set, horizon) this runs ``tsprune run --search --seeds S`` in a subprocess:
+zero-shot, fine-tune and prune-then-finetune with their hyper-parameters picked on VALIDATION MSE
+from grids of the same size for both trained settings (fine-tune: lr; prune-then-finetune: the same
+lr grid x prune ratio per epoch x ema), the picks repeated over S seeds, plus seasonal naive and the
+NLinear-style ridge map, all on every window of the standard test split. Each cell writes
+``<runs>/<data>_h<H>/results.json``; a cell whose results.json exists is not run again (the sweep is
+resumable: rerun the same command after an interruption). Then every finished cell is gathered into
+``benchmarks/results/accuracy.json`` and ``accuracy.md``: mean +- std per row, parameters kept, whether
+prune-then-finetune beats fine-tune by more than one standard deviation (of either), and the average
+relative MSE change of prune-then-finetune against fine-tune (the paper's "4.4%" figure). Cells not
+run are listed as such, never filled in.
+
+    python benchmarks/bench_accuracy.py [--cells ETTh1:96,ETTh2:96] [--seeds 3] [--runs runs/accuracy]
+        [--gather-only] [-- extra tsprune run options]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import machine, write  # noqa: E402
+
+LONG = (96, 192, 336, 720)
+ALL_CELLS = ([(d, h, 512) for d in ("ETTh1", "ETTh2", "exchange_rate") for h in LONG]
+             + [("national_illness", h, 104) for h in (24, 36, 48, 60)])
+
+
+def parse_cells(spec: str | None):
+    if not spec:
+        return ALL_CELLS
+    known = {(d, h): lb for d, h, lb in ALL_CELLS}
+    out = []
+    for item in spec.split(","):
+        d, _, h = item.partition(":")
+        if not h.isdigit():
+            raise SystemExit(f"bench_accuracy: --cells entry {item!r} is not DATA:HORIZON")
+        lb = known.get((d, int(h)), 104 if d == "national_illness" else 512)
+        out.append((d, int(h), lb))
+    return out
+
+
+def run_cell(runs: pathlib.Path, d: str, h: int, lb: int, seeds: int, model: str, extra: list[str]) -> dict | None:
+    out = runs / f"{d}_h{h}"
+    res = out / "results.json"
+    if res.is_file():
+        return json.loads(res.read_text())
+    cmd = [sys.executable, "-m", "tsprune", "run", "--model", model, "--data", d, "--horizon", str(h),
+           "--lookback", str(lb), "--out", str(out), "--search", "--seeds", str(seeds), "--no-progress", *extra]
+    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
+    log = runs / f"{d}_h{h}.log"
+    runs.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        print(f"  FAILED (exit {rc}); see {log}", flush=True)
+        return None
+    return json.loads(res.read_text())
+
+
+def _fmt(s: dict) -> str:
+    if "mse_std" in s:
+        return f"{s['mse']:.4f} ± {s['mse_std']:.4f}"
+    return f"{s['mse']:.4f}"
+
+
+def gather(cells, runs: pathlib.Path) -> dict:
+    rows, changes, wins, losses, ties = [], [], 0, 0, 0
+    for d, h, lb in cells:
+        res = runs / f"{d}_h{h}" / "results.json"
+        if not res.is_file():
+            rows.append({"data": d, "horizon": h, "lookback": lb, "status": "not run"})
+            continue
+        r = json.loads(res.read_text())
+        ft, pf = r["finetune"], r["prune_finetune"]
+        sd = max(ft.get("mse_std", 0.0), pf.get("mse_std", 0.0))
+        if pf["mse"] < ft["mse"] - sd:
+            verdict, wins = "prune-then-finetune better", wins + 1
+        elif pf["mse"] > ft["mse"] + sd:
+            verdict, losses = "fine-tune better", losses + 1
+        else:
+            verdict, ties = "within 1 std", ties + 1
+        change = pf["mse"] / ft["mse"] - 1.0
+        changes.append(change)
+        rows.append({"data": d, "horizon": h, "lookback": lb, "status": "done",
+                     "zero_shot": r["zero_shot"], "finetune": ft, "prune_finetune": pf,
+                     "baselines": r["baselines"], "search": r.get("search"), "verdict": verdict,
+                     "mse_change_pf_vs_ft": change, "seconds": r.get("seconds"),
+                     "test_windows": ft.get("test_windows")})
+    summary = {"cells_done": len(changes), "cells_total": len(cells), "pf_wins": wins, "pf_losses": losses,
+               "within_1_std": ties,
+               "mean_mse_change_pf_vs_ft": statistics.mean(changes) if changes else None}
+    return {"rows": rows, "summary": summary}
+
+
+def markdown(g: dict, head: str) -> str:
+    lines = [head, "",
+             "| data | H | seasonal naive | linear | zero-shot | fine-tune | prune-then-finetune | params kept | "
+             "PtF vs FT | verdict |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in g["rows"]:
+        if r["status"] != "done":
+            lines.append(f"| {r['data']} | {r['horizon']} | | | | | | | | not run |")
+            continue
+        b = r["baselines"]
+        kept = r["prune_finetune"]["params"] / r["finetune"]["params"]
+        lines.append(
+            f"| {r['data']} | {r['horizon']} | {b['seasonal_naive']['mse']:.4f} | {b['linear']['mse']:.4f} | "
+            f"{r['zero_shot']['mse']:.4f} | {_fmt(r['finetune'])} | {_fmt(r['prune_finetune'])} | {kept:.1%} | "
+            f"{r['mse_change_pf_vs_ft']:+.1%} | {r['verdict']} |")
+    s = g["summary"]
+    ch = s["mean_mse_change_pf_vs_ft"]
+    lines += ["", f"Cells done: {s['cells_done']} of {s['cells_total']}. Prune-then-finetune better than fine-tune "
+                  f"beyond one standard deviation in {s['pf_wins']}, worse in {s['pf_losses']}, within one standard "
+                  f"deviation in {s['within_1_std']}. Average MSE change of prune-then-finetune against fine-tune: "
+                  + (f"{ch:+.2%}" if ch is not None else "n/a") + " (negative: pruning helps)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default=None, help="DATA:H,... (default: all 16 cells)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--model", default="default")
+    p.add_argument("--runs", default="runs/accuracy", help="per-cell output folders (resumable)")
+    p.add_argument("--gather-only", action="store_true", help="only gather finished cells into the table")
+    p.add_argument("--name", default="accuracy", help="benchmarks/results/<name>.json / .md")
+    a = p.parse_args(argv)
+    cells = parse_cells(a.cells)
+    runs = pathlib.Path(a.runs)
+    if not a.gather_only:
+        for d, h, lb in cells:
+            run_cell(runs, d, h, lb, a.seeds, a.model, extra)
+    g = gather(cells, runs)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
+    payload = {"commit": commit, "model": a.model, "seeds": a.seeds, "extra_args": extra, **g}
+    path = write(a.name, payload)
+    m = machine()
+    head = (f"# Accuracy: `{a.model}` model, {a.seeds} seeds, hyper-parameters picked on validation MSE\n\n"
+            f"Measured at commit {commit} on {m.get('cpu', m)}; extra `tsprune run` options: "
+            f"`{' '.join(extra) or 'none'}`. MSE on every window of the standard test split (scaled values).")
+    md = path.with_suffix(".md")
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(markdown(g, head))
+    os.replace(tmp, md)
+    print(markdown(g, head))
+
+
+if __name__ == "__main__":
+    main()
