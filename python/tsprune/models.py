@@ -24,6 +24,8 @@ _HF_ARCHS = {
     "TimesFm2_5ModelForPrediction":
         "transformers.models.timesfm2_5.modeling_timesfm2_5:TimesFm2_5ModelForPrediction",
     "Chronos2Model": "chronos.chronos2.model:Chronos2Model",
+    "PatchTSMixerForPrediction":
+        "transformers.models.patchtsmixer.modeling_patchtsmixer:PatchTSMixerForPrediction",
 }
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -61,8 +63,9 @@ def _from_hf_dir(d: pathlib.Path, trust_remote_code: bool = False) -> nn.Module:
 
 def load_model(spec: str = "default", *, trust_remote_code: bool = False) -> nn.Module:
     """``default`` | a directory written by ``tsprune.save_pruned`` | a local HF checkpoint directory
-    (config.json + weights: Chronos-Bolt, Chronos, TimesFM, PatchTST) | a hub name ``org/name``
-    such as ``amazon/chronos-bolt-small`` (needs the hub to be reachable).
+    (config.json + weights: Chronos-Bolt, Chronos, Chronos-2, TimesFM 2.0 / 2.5, PatchTST,
+    PatchTSMixer) | a hub name ``org/name`` such as ``amazon/chronos-bolt-small`` (needs the hub to
+    be reachable).
 
     A spec that is not an existing path and not of the form ``org/name`` raises FileNotFoundError
     ("no such model directory") without contacting the hub. Only the supported architectures load;
