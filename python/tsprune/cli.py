@@ -618,11 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--block", type=pos, default=1, help="channels per FFN unit")
         g.add_argument("--heads", action="store_true", help="attention units are whole heads (else head dims)")
         g.add_argument("--prune-ratio-per-epoch", type=ratio, default=0.1,
-                       help="fraction of the live units pruned per calibration epoch, in [0, 1]")
+                       help="fraction of the live units pruned per calibration epoch, in [0, 1] (units with importance exactly 0 go at every step, even at 0)")
         g.add_argument("--macro-batch-size", type=pos, default=1024,
                        help="windows per pruning step (cut to the epoch when larger)")
         g.add_argument("--max-prune-ratio", type=_num(float, 0.0, 1.0, hi_open=True), default=0.8,
-                       help="never prune more than this fraction of all units, in [0, 1)")
+                       help="stop ranking units once this fraction of all units is pruned, in [0, 1) (units with importance exactly 0 still go, so the result can exceed it)")
         g.add_argument("--calib-epochs", type=pos, default=4, help="at most this many calibration epochs")
         g.add_argument("--calib-windows", type=pos, default=16384,
                        help="train windows per calibration epoch (evenly spaced subset)")

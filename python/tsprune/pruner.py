@@ -51,7 +51,10 @@ class Pruner:
     block:     channels per FFN / residual unit; heads: attention units are whole heads.
     prune_ratio_per_epoch, samples_per_epoch, macro_batch_size: the geometric schedule, each macro
                step prunes ceil(r * live) with r = prune_ratio_per_epoch / macro_steps_per_epoch.
-    max_prune_ratio: never prune more than this fraction of all units (then ``done`` is True).
+    max_prune_ratio: stop ranking once this fraction of all units is pruned (then ``done`` is True).
+               Units whose importance is exactly 0 (they change nothing the loss sees, e.g. dead
+               ReLU channels) are removed at every step whatever the cap and the ratio (SPEC step
+               6), so the pruned fraction can end above the cap, and ratio 0 can still prune.
     residual:  also mask the residual-stream side of every Linear (q/k/v/up in, o/down out), as the
                paper does. Those zeros stay as zero weights after repack (no saving), so by default
                they are left out and the whole budget goes to units that are physically removed.
