@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -21,7 +22,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -434,23 +438,83 @@ std::vector<int64_t> unit_channel_list(const std::vector<int64_t>& units, int64_
   return c;
 }
 
-// at::empty whose pages are faulted in as 2 MiB transparent huge pages where the kernel allows it
-// (madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior, before the first touch). A fresh
-// activation-sized buffer otherwise costs one 4 KiB page fault per page on its first write (measured
-// ~0.4 ms per MB on the 2-core benchmark machine). Advisory only: without THP nothing changes.
-at::Tensor empty_hugepage(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(sizes, opts);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 2 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
-    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+// Buffers for y_pre_zero (saved from forward to backward, freed after the backward): a fresh
+// activation-sized buffer costs a page fault per 4 KiB page on first write, or, with 2 MiB
+// transparent huge pages, the kernel zeroing it (measured on the 2-core benchmark machine: ~0.4 ms
+// per MB, ~0.12 ms per MB). Freed buffers are therefore kept in a small process-wide cache, bounded
+// by TSPRUNE_CPU_CACHE_MB (default 256; 0 disables it), and handed out again to a request of at
+// least half their size. New buffers are 2 MiB-aligned and advised MADV_HUGEPAGE (advisory only).
+class BufferCache {
+ public:
+  static BufferCache& get() {
+    static BufferCache* c = new BufferCache();  // never destroyed: tensors may outlive main()
+    return *c;
   }
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+    int64_t n = 1;
+    for (int64_t s : sizes) n *= s;
+    const size_t bytes = static_cast<size_t>(n) * opts.dtype().itemsize();
+    if (bytes < kMinBytes || cap_ == 0) return at::empty(sizes, opts);
+    auto [p, cap] = take(bytes);
+    if (p == nullptr) {
+      cap = (bytes + kHuge - 1) / kHuge * kHuge;
+      p = std::aligned_alloc(kHuge, cap);
+      if (p == nullptr) return at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      (void)madvise(p, cap, MADV_HUGEPAGE);
 #endif
-  return t;
-}
+    }
+    return at::from_blob(
+        p, sizes, [this, cap](void* q) { give(q, cap); }, opts.device(at::kCPU));
+  }
+
+ private:
+  static constexpr size_t kHuge = size_t{1} << 21;
+  static constexpr size_t kMinBytes = size_t{1} << 22;  // smaller ones: plain at::empty
+
+  BufferCache() {
+    const char* e = std::getenv("TSPRUNE_CPU_CACHE_MB");
+    long mb = 256;
+    if (e != nullptr && *e != '\0') mb = std::max(0L, std::strtol(e, nullptr, 10));
+    cap_ = static_cast<size_t>(mb) << 20;
+  }
+
+  // Smallest cached buffer with bytes <= capacity <= 2 * bytes, removed from the cache
+  // ({nullptr, 0} if none).
+  std::pair<void*, size_t> take(size_t bytes) {
+    std::lock_guard<std::mutex> g(mu_);
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i) {
+      const size_t c = free_[i].second;
+      if (c >= bytes && c <= 2 * bytes && (best == free_.size() || c < free_[best].second)) best = i;
+    }
+    if (best == free_.size()) return {nullptr, 0};
+    const std::pair<void*, size_t> b = free_[best];
+    total_ -= b.second;
+    free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+    return b;
+  }
+
+  void give(void* p, size_t cap) {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      free_.emplace_back(p, cap);
+      total_ += cap;
+      while (total_ > cap_ && !free_.empty()) {  // oldest first
+        drop.push_back(free_.front().first);
+        total_ -= free_.front().second;
+        free_.erase(free_.begin());
+      }
+    }
+    for (void* q : drop) std::free(q);
+  }
+
+  std::mutex mu_;
+  std::vector<std::pair<void*, size_t>> free_;
+  size_t total_ = 0, cap_ = 0;
+};
 
 // For the channels zc of y [R, C] (a GEMM output holding y_pre there): ypz[r, j] = y[r, zc[j]],
 // then y[r, zc[j]] = y_pre * mz[j]. One pass over the rows of y.
@@ -679,7 +743,7 @@ std::vector<at::Tensor> masked_linear_fwd_impl(const at::Tensor& x, const at::Te
   const ZeroCols zc = make_zero_cols(unit_channel_list(mo.zero, block_out), N);
   std::vector<double> mz(static_cast<size_t>(zc.size()));
   for (int64_t j = 0; j < zc.size(); ++j) mz[j] = mo.channel(zc.idx[j]);
-  at::Tensor ypz = empty_hugepage({T, zc.size()}, x.options());
+  at::Tensor ypz = BufferCache::get().empty({T, zc.size()}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "tsprune_split_zero", [&] {
     split_zero_cols<scalar_t>(y.data_ptr<scalar_t>(), T, N, zc, mz, ypz.data_ptr<scalar_t>());
   });
