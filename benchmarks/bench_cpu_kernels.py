@@ -90,7 +90,9 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--reps", type=int, default=7)
     a = p.parse_args(argv)
-    out = {"masked_step": {}, "repack": {}}
+    # which build is measured (a worktree needs PYTHONPATH=<worktree>:<worktree>/python)
+    print("tsprune_kernels:", K.__file__, "| _C:", getattr(_backend._C, "__file__", None))
+    out = {"masked_step": {}, "repack": {}, "module": K.__file__}
     for zf in (0.0, 0.5):
         r = bench(masked_step_cases(a.tokens, 512, 2048, zf), reps=a.reps)
         base = r["unmasked"]["median_ms"]

@@ -16,6 +16,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mask_in"),
         py::arg("mask_out"), py::arg("block_in"), py::arg("block_out"));
 
+  m.def("masked_linear_fwd_keep", &tsprune::masked_linear_fwd_keep, GilFree(),
+        "[y, y_pre_zero]: masked_linear_fwd that also keeps y_pre of the zero units of mask_out "
+        "([T, |Z| * block_out]; [T, 0] when there are none) for masked_linear_bwd",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mask_in"),
+        py::arg("mask_out"), py::arg("block_in"), py::arg("block_out"));
+
   m.def("masked_linear_bwd", &tsprune::masked_linear_bwd, GilFree(),
         "backward of masked_linear_fwd: [dx, dweight, dbias, dmask_in, dmask_out] (None where "
         "not needed); adds into acc_* / sq_* in place",
@@ -24,7 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("tokens_per_sample"), py::arg("need_x"), py::arg("need_weight"),
         py::arg("need_bias"), py::arg("need_mask_in"), py::arg("need_mask_out"),
         py::arg("acc_in") = py::none(), py::arg("acc_out") = py::none(),
-        py::arg("sq_in") = py::none(), py::arg("sq_out") = py::none());
+        py::arg("sq_in") = py::none(), py::arg("sq_out") = py::none(),
+        py::arg("y_pre_zero") = py::none());
 
   m.def("kth_smallest_abs", &tsprune::kth_smallest_abs, GilFree(),
         "k-th (1-based) smallest |v| over all elements of all tensors (radix select)",

@@ -18,10 +18,25 @@ at::Tensor masked_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& mask_out,
                              int64_t block_in, int64_t block_out);
 
+// The forward for training: returns {y, y_pre_zero}. When mask_out has zero units Z (|m| below
+// the dtype's threshold, or not finite), the GEMM runs with those units' mask entries replaced by 1
+// and y_pre_zero = y_pre[:, channels of Z] ([T, |Z| * block_out], x's dtype) is copied out before
+// y[:, Z] is scaled by its own mask values; masked_linear_bwd then needs no GEMM for them.
+// Otherwise y_pre_zero is an empty [T, 0] tensor and y is exactly masked_linear_fwd's.
+// y_pre_zero of 4 MiB or more is drawn from a process-wide cache of freed buffers (at most
+// TSPRUNE_CPU_CACHE_MB, default 256, are kept; 0 disables it): no page faults in steady state.
+std::vector<at::Tensor> masked_linear_fwd_keep(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               const std::optional<at::Tensor>& mask_in,
+                                               const std::optional<at::Tensor>& mask_out,
+                                               int64_t block_in, int64_t block_out);
+
 // Backward of masked_linear_fwd. Returns {dx, dweight, dbias, dmask_in, dmask_out};
 // entries that were not asked for are undefined tensors. acc_* / sq_* (float32 or float64,
 // one entry per mask unit) are updated in place: acc += dmask, sq += sum_i dmask_i^2 over
-// samples of tokens_per_sample consecutive rows.
+// samples of tokens_per_sample consecutive rows. y_pre_zero: masked_linear_fwd_keep's second
+// result (or nullopt / an empty tensor: the zero output units are then recomputed with a GEMM
+// restricted to their channels).
 std::vector<at::Tensor> masked_linear_bwd(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask_in,
@@ -29,7 +44,8 @@ std::vector<at::Tensor> masked_linear_bwd(
     int64_t tokens_per_sample, bool need_x, bool need_weight, bool need_bias, bool need_mask_in,
     bool need_mask_out, const std::optional<at::Tensor>& acc_in,
     const std::optional<at::Tensor>& acc_out, const std::optional<at::Tensor>& sq_in,
-    const std::optional<at::Tensor>& sq_out);
+    const std::optional<at::Tensor>& sq_out,
+    const std::optional<at::Tensor>& y_pre_zero = std::nullopt);
 
 // k-th (1-based) smallest |v| over every element of every tensor (radix select on the bit
 // pattern). Exact zeros are skipped when ignore_zeros. Returns a 0-d tensor (float64 when any

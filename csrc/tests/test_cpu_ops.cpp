@@ -181,6 +181,36 @@ void test_masked_linear_case(at::ScalarType dt, const LinCase& c, bool with_bias
     report(!g[4].defined(), name + ": dmask_out undefined without mask_out");
   }
 
+  // v2b: the training forward keeps y_pre of the zero output units; the backward given it must
+  // produce the same gradients (no restricted recompute), zero units included.
+  if (with_out) {
+    const std::vector<at::Tensor> fk = tsprune::masked_linear_fwd_keep(x, w, bias, mi, mo, c.bi, c.bo);
+    report(fk.size() == 2, name + ": fwd_keep returns 2 tensors");
+    expect_close(fk[0], yref, tol, name + ": y (fwd_keep)");
+    const double th = dt == at::kHalf ? 1e-4 : 1e-20;
+    const at::Tensor mod = mo->to(at::kDouble);
+    const int64_t zu = (~(mod.abs() >= th)).sum().item<int64_t>();
+    report(fk[1].dim() == 2 && fk[1].size(0) == T && fk[1].size(1) == zu * c.bo &&
+               fk[1].scalar_type() == dt,
+           name + ": y_pre_zero shape / dtype");
+    const at::Tensor acc2 = at::zeros({Uo}, at::kDouble), sq2 = at::zeros({Uo}, at::kDouble);
+    const std::vector<at::Tensor> k = tsprune::masked_linear_bwd(
+        gy, x, fk[0], w, bias, mi, mo, c.bi, c.bo, c.tps, true, false, false, with_in, false,
+        std::nullopt, acc2, std::nullopt, with_sq ? std::optional<at::Tensor>(sq2) : std::nullopt,
+        fk[1]);
+    expect_close(k[0], dx_ref, tol, name + ": dx (kept y_pre)");
+    if (with_in) expect_close(k[3], dmi_ref, mtol, name + ": dmask_in (kept y_pre)");
+    expect_close(acc2, dmo_ref, mtol, name + ": acc_out (kept y_pre)");
+    if (with_sq) expect_close(sq2, sqo_ref, std::max(mtol, 1e-6), name + ": sq_out (kept y_pre)");
+    if (zu > 0) {  // the zero units themselves
+      const at::Tensor z = (~(mod.abs() >= th)).nonzero().flatten();
+      expect_close(acc2.index_select(0, z), dmo_ref.index_select(0, z),
+                   std::max(mtol, 1e-6) * std::max(1.0, dmo_ref.abs().max().item<double>() /
+                                                          std::max(dmo_ref.index_select(0, z).abs().max().item<double>(), 1e-12)),
+                   name + ": acc_out at zero units (kept y_pre)");
+    }
+  }
+
   // Only the mask gradients: everything else undefined, mask gradients unchanged.
   if (with_in || with_out) {
     const std::vector<at::Tensor> h = tsprune::masked_linear_bwd(
@@ -249,6 +279,15 @@ void test_masked_linear() {
                                    false, at::zeros({4}), std::nullopt, std::nullopt, std::nullopt);
       },
       "no mask_in", "masked_linear_bwd acc_in without mask_in");
+  expect_error(  // (no random draws here: the later thread-count rounds keep their inputs)
+      [&] {
+        const at::Tensor m = at::tensor({1.0, 0.0, 0.0}, at::kFloat);
+        const std::vector<at::Tensor> f = tsprune::masked_linear_fwd_keep(x, w, std::nullopt, std::nullopt, m, 1, 1);
+        tsprune::masked_linear_bwd(at::ones({6, 3}), x, f[0], w, std::nullopt, std::nullopt, m, 1,
+                                   1, 1, false, false, false, false, true, std::nullopt,
+                                   std::nullopt, std::nullopt, std::nullopt, f[1].narrow(1, 0, 1));
+      },
+      "y_pre_zero must be", "masked_linear_bwd y_pre_zero of the wrong width");
 }
 
 void test_act_sq() {

@@ -1,6 +1,9 @@
 """masked_linear against float64 autograd of the formula, on fresh random inputs."""
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import tsprune_kernels as K
@@ -214,7 +217,9 @@ def test_nan_gradient_propagates_and_arena_refuses(backend):
 def test_torch_compile_forward_backward(backend, gen):
     lin = torch.nn.Linear(12, 10)
     mi = (torch.rand(6, generator=gen) > 0.3).float().requires_grad_(True)
-    mo = torch.rand(10, generator=gen).requires_grad_(True)
+    mo = torch.rand(10, generator=gen)
+    mo[::3] = 0.0  # zero output units: on cpp the forward returns y_pre[:, Z] (data-dependent width)
+    mo.requires_grad_(True)
 
     def f(x):
         return torch.relu(K.masked_linear(x, lin.weight, lin.bias, mi, mo, 2, 1)).sum()
@@ -248,3 +253,194 @@ def test_shape_sweep(lead, units_in, bi, units_out, bo, seed):
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
     for got, ref in zip([t.grad for t in leaves], [dx_ref, dmi_ref, dmo_ref]):
         torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
+
+
+# -- v2b: y_pre of the zero output units kept by the forward (C++ backend) ------------------------
+
+def _half_zero_masks(gen, units, dtype=torch.float32):
+    """0/1 mask with half of the units exactly zero (random positions), plus one non-binary entry."""
+    m = torch.ones(units, dtype=dtype)
+    m[torch.randperm(units, generator=gen)[: units // 2]] = 0.0
+    live = m.nonzero().flatten()
+    m[live[0]] = 0.75
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,k,n,bi,bo,sq", [
+    ((6, 37), 96, 160, 1, 1, False),   # block 1: zero channels scattered (the benchmark's case)
+    ((6, 37), 96, 160, 1, 1, True),    # with per-sample squares (taylor2)
+    ((3, 50), 64, 96, 8, 4, True),     # blocks: zero runs of block_out channels
+    ((2, 1001), 40, 37, 2, 1, False),  # long samples: parallel row segments; odd N
+])
+def test_half_zero_units_exact_at_every_unit(gen, dtype, shape, k, n, bi, bo, sq, monkeypatch):
+    """50% zero output AND input units, fresh random inputs: the C++ backend's gradients (mask
+    gradients through the accumulators, dx) match float64 autograd of the formula at EVERY unit,
+    the zero ones included, and the forward really kept y_pre of the zero output channels
+    (so the backward took the no-recompute path)."""
+    from tsprune_kernels import _backend
+    if not _backend.cpp_available():
+        pytest.skip(f"C++ extension not built: {_backend._C_ERROR}")
+    monkeypatch.setenv("TSPRUNE_KERNELS_BACKEND", "cpp")
+    kept = []
+    real_keep = _backend._C.masked_linear_fwd_keep
+
+    def spy(*a):
+        y, ypz = real_keep(*a)
+        kept.append(tuple(ypz.shape))
+        return y, ypz
+
+    monkeypatch.setattr(_backend._C, "masked_linear_fwd_keep", spy)
+    x = torch.randn(*shape, k, generator=gen, dtype=torch.float64)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) / k**0.5
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    gy = torch.randn(*shape, n, generator=gen, dtype=torch.float64)
+    mi = _half_zero_masks(gen, k // bi, torch.float64)
+    mo = _half_zero_masks(gen, n // bo, torch.float64)
+    # float64 reference, per sample (for the squares), from the inputs rounded to `dtype`
+    xd, wd, bd, gyd = (t.to(dtype).double() for t in (x, w, b, gy))
+    per_in, per_out, dx_ref = [], [], []
+    for i in range(shape[0]):
+        _, (dxi, _, _, gi, go) = _oracle(xd[i : i + 1], wd, bd, mi, mo, bi, bo, gyd[i : i + 1])
+        per_in.append(gi)
+        per_out.append(go)
+        dx_ref.append(dxi)
+    per_in, per_out, dx_ref = torch.stack(per_in), torch.stack(per_out), torch.cat(dx_ref)
+    acc_in, acc_out = torch.zeros(k // bi, dtype=torch.float64), torch.zeros(n // bo, dtype=torch.float64)
+    sq_in = torch.zeros(k // bi, dtype=torch.float64) if sq else None
+    sq_out = torch.zeros(n // bo, dtype=torch.float64) if sq else None
+    xx = x.to(dtype).requires_grad_(True)
+    mik, mok = mi.float().requires_grad_(True), mo.float().requires_grad_(True)
+    y = K.masked_linear(xx, w.to(dtype), b.to(dtype), mik, mok, bi, bo, grad_acc_in=acc_in,
+                        grad_acc_out=acc_out, sq_acc_in=sq_in, sq_acc_out=sq_out)
+    y.backward(gy.to(dtype))
+    zero_out = int((mo == 0).sum())
+    assert kept == [(x.numel() // k, zero_out * bo)]  # y_pre of exactly the zero channels was kept
+    # The reference sees the same rounded inputs; what is left is fp32 accumulation (fp32) and the
+    # rounding of the GEMM outputs y, y_pre[:, Z], dxm to 8 bits before they are summed (bf16).
+    eps = 2e-5 if dtype == torch.float32 else 2e-2
+    for got, ref, m in ((acc_in, per_in.sum(0), mi), (acc_out, per_out.sum(0), mo)):
+        scale = float(ref.abs().max())
+        err = (got - ref).abs()
+        assert float(err.max()) <= eps * scale, (got, ref)
+        zero_units = m == 0
+        assert float(ref[zero_units].abs().max()) > 0.05 * scale  # pruned units have real gradients
+        assert float(err[zero_units].max()) <= eps * scale, (got[zero_units], ref[zero_units])
+    if sq:
+        for got, ref in ((sq_in, per_in.square().sum(0)), (sq_out, per_out.square().sum(0))):
+            torch.testing.assert_close(got, ref, atol=2 * eps * float(ref.abs().max()), rtol=2 * eps)
+    scale = float(dx_ref.abs().max())
+    torch.testing.assert_close(xx.grad.double().reshape(dx_ref.shape), dx_ref,
+                               atol=(1e-5 if dtype == torch.float32 else 2e-2) * scale, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_kept_zero_pre_matches_recompute_path(gen, dtype):
+    """The two C++ output-side paths for zero units agree: y_pre[:, Z] kept by the forward vs the
+    restricted recompute (no kept columns); y is identical to the plain forward's on the zero
+    channels (y_pre * m) and elsewhere close (same GEMM, different fold of m_out)."""
+    from tsprune_kernels import _backend
+    if not _backend.cpp_available():
+        pytest.skip(f"C++ extension not built: {_backend._C_ERROR}")
+    C = _backend._C
+    T, k, n, bo = 96, 48, 40, 2
+    x = torch.randn(T, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    gy = torch.randn(T, n, generator=gen).to(dtype)
+    mo = torch.rand(n // bo, generator=gen) + 0.5
+    mo[::3] = 0.0
+    mo[1] = float("nan")  # not finite: a zero unit too
+    y0 = C.masked_linear_fwd(x, w, b, None, mo, 1, bo)
+    y1, ypz = C.masked_linear_fwd_keep(x, w, b, None, mo, 1, bo)
+    zu = (~(mo.abs() >= 1e-20)).nonzero().flatten()
+    zc = (zu[:, None] * bo + torch.arange(bo)).flatten()
+    assert ypz.shape == (T, zc.numel()) and ypz.dtype == dtype
+    ref_pre = (x.double() @ w.double().t() + b.double())[:, zc]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 3e-2)
+    torch.testing.assert_close(ypz.double(), ref_pre, atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(y1.double(), y0.double(), atol=tol * 10, rtol=tol, equal_nan=True)
+    args = (1, bo, T // 4, False, False, False, False, True)
+    acc_a, sq_a = torch.zeros(n // bo, dtype=torch.float64), torch.zeros(n // bo, dtype=torch.float64)
+    acc_b, sq_b = torch.zeros_like(acc_a), torch.zeros_like(sq_a)
+    ra = C.masked_linear_bwd(gy, x, y1, w, b, None, mo, *args, None, None, None, None, ypz)
+    rb = C.masked_linear_bwd(gy, x, y1, w, b, None, mo, *args, None, acc_b, None, sq_b)
+    C.masked_linear_bwd(gy, x, y1, w, b, None, mo, *args[:-1], False, None, acc_a, None, sq_a, ypz)
+    torch.testing.assert_close(ra[4].double(), rb[4].double(), atol=tol * 100, rtol=tol * 10)
+    torch.testing.assert_close(acc_a, acc_b, atol=tol * 100, rtol=tol * 10)
+    torch.testing.assert_close(sq_a, sq_b, atol=tol * 1000, rtol=tol * 10)
+    assert torch.isfinite(ra[4]).all()  # the NaN mask entry's unit is recomputed, not y / m
+    with pytest.raises(RuntimeError, match="y_pre_zero must be"):
+        C.masked_linear_bwd(gy, x, y1, w, b, None, mo, *args, None, None, None, None, ypz[:, 1:])
+
+
+def test_zero_pre_kept_only_when_a_backward_wants_it(gen, monkeypatch):
+    """No kept columns under no_grad, without mask_out, or when nothing needs the mask_out
+    gradient; kept with an accumulator even if mask_out itself does not require grad."""
+    from tsprune_kernels import _backend
+    if not _backend.cpp_available():
+        pytest.skip(f"C++ extension not built: {_backend._C_ERROR}")
+    monkeypatch.setenv("TSPRUNE_KERNELS_BACKEND", "cpp")
+    calls = []
+    real_keep = _backend._C.masked_linear_fwd_keep
+    monkeypatch.setattr(_backend._C, "masked_linear_fwd_keep", lambda *a: calls.append(1) or real_keep(*a))
+    x = torch.randn(4, 5, 8, generator=gen, requires_grad=True)
+    w = torch.randn(6, 8, generator=gen)
+    mo = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 1.0])
+    with torch.no_grad():
+        K.masked_linear(x, w, mask_out=mo.clone().requires_grad_(True))
+    K.masked_linear(x, w, mask_out=mo)  # mask_out needs no gradient
+    K.masked_linear(x.detach(), w, mask_out=mo, grad_acc_out=torch.zeros(6))  # nothing differentiable
+    assert calls == []
+    K.masked_linear(x, w, mask_out=mo.clone().requires_grad_(True)).sum().backward()
+    K.masked_linear(x, w, mask_out=mo, grad_acc_out=torch.zeros(6)).sum().backward()
+    assert calls == [1, 1]
+
+
+def test_custom_ops_opcheck(gen):
+    """torch.library.opcheck of both ops (schema, fake impls incl. the data-dependent y_pre_zero
+    width, autograd registration), on the backend under test by default (cpp when built)."""
+    x = torch.randn(12, 8, generator=gen)
+    w = torch.randn(6, 8, generator=gen)
+    b = torch.randn(6, generator=gen)
+    mi = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    mo = torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 1.0])
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.tsprune.masked_linear_fwd.default, (x, w, b, mi, mo, 2, 1, keep))
+    _, ypz = torch.ops.tsprune.masked_linear_fwd(x, w, b, mi, mo, 2, 1, True)
+    y = torch.randn(12, 6, generator=gen)
+    gy = torch.randn(12, 6, generator=gen)
+    for z in (ypz, None):
+        torch.library.opcheck(
+            torch.ops.tsprune.masked_linear_bwd.default,
+            (gy, x, y, w, b, mi, mo, 2, 1, 3, True, False, True, True, True, None, None, None, None, z),
+        )
+
+
+def test_kept_zero_pre_buffers_reused_safely(gen, monkeypatch):
+    """y_pre_zero buffers >= 4 MiB come from a small process-wide cache (TSPRUNE_CPU_CACHE_MB):
+    several forwards alive at once must get distinct buffers, and buffers handed out again after a
+    backward must hold the new step's values. Gradients vs float64 at every unit, over 3 steps."""
+    from tsprune_kernels import _backend
+    if not _backend.cpp_available():
+        pytest.skip(f"C++ extension not built: {_backend._C_ERROR}")
+    monkeypatch.setenv("TSPRUNE_KERNELS_BACKEND", "cpp")
+    T, k, n = 4096, 32, 512  # y_pre_zero: 4096 x 256 fp32 = 4 MiB (cached size)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    mo = _half_zero_masks(gen, n).requires_grad_(True)
+    x0 = torch.randn(T, k, generator=gen)
+    _, z = _backend._C.masked_linear_fwd_keep(x0, w, None, None, mo.detach(), 1, 1)
+    ptr = z.data_ptr()
+    del z  # back to the cache
+    _, z = _backend._C.masked_linear_fwd_keep(x0, w, None, None, mo.detach(), 1, 1)
+    if os.environ.get("TSPRUNE_CPU_CACHE_MB", "").strip() != "0":
+        assert z.data_ptr() == ptr  # the cache is in use, so the steps below exercise reuse
+    del z
+    for _step in range(3):
+        xs = [torch.randn(8, T // 8, k, generator=gen) for _ in range(3)]
+        gys = [torch.randn(8, T // 8, n, generator=gen) for _ in range(3)]
+        ys = [K.masked_linear(x, w, None, None, mo) for x in xs]  # three y_pre_zero alive at once
+        mo.grad = None
+        torch.autograd.backward(ys, gys)
+        want = sum((gy.double() * F.linear(x.double(), w.double())).sum((0, 1)) for x, gy in zip(xs, gys))
+        torch.testing.assert_close(mo.grad.double(), want, atol=2e-5 * float(want.abs().max()), rtol=0)

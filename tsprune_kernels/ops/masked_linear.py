@@ -4,8 +4,11 @@ Two torch custom ops (``tsprune::masked_linear_fwd`` / ``tsprune::masked_linear_
 implementations, so models using them run under torch.compile) joined by an autograd.Function.
 
 Saved for backward (through ``ctx.save_for_backward`` only): x, weight, bias, the output y, mask_in,
-mask_out. The output is saved instead of the pre-mask activation: where a mask entry is nonzero the
-mask gradient is recovered from y (see docs/KERNELS.md); no extra activation-sized tensor is kept.
+mask_out, and y_pre_zero. The output is saved instead of the pre-mask activation: where a mask entry is
+nonzero the mask gradient is recovered from y (see docs/KERNELS.md). y_pre_zero is the pre-mask
+activation of the ZERO units of mask_out only ([T, |Z| * block_out]; the C++ backend keeps it when the
+mask_out gradient will be needed, its forward GEMM computes those columns anyway), so their gradient
+needs no recompute; it is [T, 0] on the other backends and when mask_out has no zero entry.
 Gradient / squared-gradient accumulators (e.g. ScoreArena views) are *not* activations: they are
 held on ctx as references and updated in place by the backward op.
 """
@@ -38,23 +41,33 @@ def masked_linear_fwd(
     mask_out: Optional[Tensor],
     block_in: int,
     block_out: int,
-) -> Tensor:
-    """x [T, K] -> y [T, N] (2-D; the wrapper flattens leading dims)."""
+    keep_zero_pre: bool,
+) -> tuple[Tensor, Tensor]:
+    """x [T, K] -> (y [T, N], y_pre_zero [T, Z]) (2-D; the wrapper flattens leading dims).
+
+    y_pre_zero: with keep_zero_pre on the C++ backend, y_pre of the channels of mask_out's zero
+    units (Z = their count * block_out), for the backward; otherwise [T, 0]."""
+    empty = x.new_empty((x.shape[0], 0))
     if x.shape[0] == 0 or x.shape[1] == 0 or weight.shape[0] == 0:  # empty: F.linear semantics
-        return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
+        return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out), empty
     backend = _backend.choose("masked_linear", x.device).backend
     if backend == "triton":
-        return _backend.triton_impl().masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
+        y = _backend.triton_impl().masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
+        return y, empty
     if backend == "cpp":
-        return _backend._C.masked_linear_fwd(
-            x.contiguous(), weight.contiguous(), bias, mask_in, mask_out, block_in, block_out
-        )
-    return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
+        args = (x.contiguous(), weight.contiguous(), bias, mask_in, mask_out, block_in, block_out)
+        if keep_zero_pre and mask_out is not None:
+            y, ypz = _backend._C.masked_linear_fwd_keep(*args)
+            return y, ypz
+        return _backend._C.masked_linear_fwd(*args), empty
+    return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out), empty
 
 
 @masked_linear_fwd.register_fake
-def _(x, weight, bias, mask_in, mask_out, block_in, block_out):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def _(x, weight, bias, mask_in, mask_out, block_in, block_out, keep_zero_pre):
+    # y_pre_zero's width depends on the mask values (and the backend): a data-dependent size.
+    z = torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], z))
 
 
 @torch.library.custom_op(
@@ -81,8 +94,12 @@ def masked_linear_bwd(
     acc_out: Optional[Tensor],
     sq_in: Optional[Tensor],
     sq_out: Optional[Tensor],
+    y_pre_zero: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight, dbias, dmask_in, dmask_out); a gradient not asked for is an empty tensor."""
+    """Returns (dx, dweight, dbias, dmask_in, dmask_out); a gradient not asked for is an empty tensor.
+
+    y_pre_zero: masked_linear_fwd's second result (used by the C++ backend only; None or [T, 0]:
+    the zero units of mask_out are recomputed)."""
     args = (
         gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
         need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out,
@@ -93,7 +110,7 @@ def masked_linear_bwd(
     elif backend == "triton":
         outs = _backend.triton_impl().masked_linear_bwd(*args)
     elif backend == "cpp":
-        outs = _backend._C.masked_linear_bwd(gy.contiguous(), *args[1:])
+        outs = _backend._C.masked_linear_bwd(gy.contiguous(), *args[1:], y_pre_zero)
     else:
         outs = reference.masked_linear_bwd(*args)
     return tuple(_empty(x) if o is None else o for o in outs)  # type: ignore[return-value]
@@ -101,7 +118,8 @@ def masked_linear_bwd(
 
 @masked_linear_bwd.register_fake
 def _(gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
-      need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out):
+      need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out,
+      y_pre_zero):
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (
         torch.empty_like(x) if need_x else _empty(x),
@@ -116,21 +134,32 @@ def _(gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per
 
 class _MaskedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, mask_in, mask_out, block_in, block_out, accs):
+    def forward(ctx, x, weight, bias, mask_in, mask_out, block_in, block_out, accs, grad_on):
         lead = x.shape[:-1]
         x2 = x.reshape(math.prod(lead), x.shape[-1])  # explicit: -1 is ambiguous when K == 0
-        y2 = masked_linear_fwd(x2, weight, bias, mask_in, mask_out, block_in, block_out)
-        ctx.save_for_backward(x2, weight, bias, y2, mask_in, mask_out)
+        # Keep y_pre of mask_out's zero units only if a backward will want the mask_out gradient
+        # (grad mode on at the call, something differentiable, and a .grad or an accumulator).
+        need = ctx.needs_input_grad
+        keep = (grad_on and mask_out is not None and any(need)
+                and (need[4] or accs[1] is not None or accs[3] is not None))
+        y2, ypz = masked_linear_fwd(x2, weight, bias, mask_in, mask_out, block_in, block_out, keep)
+        ctx.save_for_backward(x2, weight, bias, y2, mask_in, mask_out, ypz)
+        # ypz is also returned (non-differentiable; the public wrapper drops it): under
+        # torch.compile its data-dependent width must be an output of the traced forward.
+        ctx.mark_non_differentiable(ypz)
+        ctx.set_materialize_grads(False)  # no [T, |Z|] zeros for ypz's (never used) gradient
         ctx.blocks = (block_in, block_out)
         # tokens per sample (x's first dim is the sample dim); 0 for x of shape [S, 0, K]
         ctx.tokens_per_sample = x2.shape[0] // lead[0] if len(lead) >= 1 and lead[0] > 0 else 0
         ctx.accs = accs
         ctx.x_shape = x.shape
-        return y2.view(*lead, weight.shape[0])
+        return y2.view(*lead, weight.shape[0]), ypz
 
     @staticmethod
-    def backward(ctx, gy):
-        x2, weight, bias, y2, mask_in, mask_out = ctx.saved_tensors
+    def backward(ctx, gy, _gypz):
+        if gy is None:  # only reachable through y; kept for safety without materialized grads
+            return (None,) * 9
+        x2, weight, bias, y2, mask_in, mask_out, ypz = ctx.saved_tensors
         acc_in, acc_out, sq_in, sq_out = ctx.accs
         need = ctx.needs_input_grad
         gy2 = gy.reshape(x2.shape[0], gy.shape[-1])
@@ -142,7 +171,7 @@ class _MaskedLinear(torch.autograd.Function):
         dx, dw, db, dmi, dmo = masked_linear_bwd(
             gy2, x2, y2, weight, bias, mask_in, mask_out, ctx.blocks[0], ctx.blocks[1],
             ctx.tokens_per_sample, need[0], need[1], need[2] and bias is not None, need_mi, need_mo,
-            acc_in, acc_out, sq_in, sq_out,
+            acc_in, acc_out, sq_in, sq_out, ypz,
         )
         return (
             dx.view(ctx.x_shape) if need[0] else None,
@@ -150,7 +179,7 @@ class _MaskedLinear(torch.autograd.Function):
             db if need[2] and bias is not None else None,
             dmi.to(mask_in.dtype) if need_mi else None,
             dmo.to(mask_out.dtype) if need_mo else None,
-            None, None, None,
+            None, None, None, None,
         )
 
 
@@ -264,4 +293,6 @@ def masked_linear(
                              grad_acc_in=grad_acc_in, grad_acc_out=grad_acc_out,
                              sq_acc_in=sq_acc_in, sq_acc_out=sq_acc_out).squeeze(0)
     accs = (grad_acc_in, grad_acc_out, sq_acc_in, sq_acc_out)
-    return _MaskedLinear.apply(x, weight, bias, mask_in, mask_out, block_in, block_out, accs)
+    y, _ = _MaskedLinear.apply(x, weight, bias, mask_in, mask_out, block_in, block_out, accs,
+                               torch.is_grad_enabled())
+    return y
