@@ -136,21 +136,22 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     log = _Log(ckpt.with_name(ckpt.name + ".log.jsonl"))
     real, real_desc = real_train_series(REAL_SOURCES)
-    if ckpt.is_file():  # the checkpoint's shape wins over the command line's
-        shape = torch.load(ckpt, map_location="cpu", weights_only=False)["config"].get("shape", shape)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.is_file() else None
+    if saved is not None:  # the checkpoint's shape wins over the command line's
+        shape = saved["config"].get("shape", shape)
     shape = dict(shape or {})
     model = build_model(shape, seed=seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     state = {"step": 0, "samples": 0, "wall_s": 0.0, "counts": [0, 0, 0]}
     rng = np.random.default_rng(seed)
-    if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         rng.bit_generator.state = saved["rng"]
         torch.set_rng_state(saved["torch_rng"])
+        saved = None  # free the loaded copy: the model and optimiser hold the state now
         log(f"pretrain: resumed from {ckpt} at step {state['step']}")
     corpus = Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, real, pool_size=pool_size)
     mon_ctx, mon_tgt = _monitor_batch(seed, real)

@@ -378,10 +378,11 @@ class Pruner:
         """A new, physically smaller model (same class) computing what the masked model computes;
         the pruned model carries its plan as ``model.tsprune_plan``. The original is untouched."""
         masks = {n: m.detach().clone() for n, m in self.masks.items()}
-        src = self.model
-        if self._phys is not None:  # from the original weights, exactly as without compaction
-            src = _host_copy_to(self._orig, self.model, _device_of(self.model))
-        new, plan = repack_model(src, self.adapter, self.sites, masks)
+        if self._phys is None:
+            new, plan = repack_model(self.model, self.adapter, self.sites, masks)
+        else:  # from the original weights (repack_model copies them itself), exactly as without compaction
+            new, plan = repack_model(self._orig, self.adapter, self.sites, {n: m.cpu() for n, m in masks.items()})
+            new.to(_device_of(self.model)).train(self.model.training)
         new.tsprune_plan = plan
         return new
 

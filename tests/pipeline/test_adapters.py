@@ -9,7 +9,6 @@ adapter's loss.
 """
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -24,15 +23,6 @@ from tsprune.masking import attach_masks, detach_masks, is_masked
 from tsprune.plan import load_exact, repack_model
 
 warnings.filterwarnings("ignore", message=".*compiled CPU extension not loaded.*")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threads only add overhead (a lot of it on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- model cases ------------------------------------------------------------------------------------

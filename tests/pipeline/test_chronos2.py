@@ -24,14 +24,6 @@ TIME = "encoder.block.0.layer.0.self_attention"  # time self-attention (RoPE)
 GROUP = "encoder.block.1.layer.1.self_attention"  # group attention (no RoPE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _out(model, ctx, groups=C2_GROUPS):
     with torch.no_grad():
         return model(context=ctx, group_ids=groups, num_output_patches=2).quantile_preds

@@ -15,7 +15,6 @@ import math
 import re
 
 import pytest
-import torch
 
 from tsprune import cli
 from tsprune.cli import main
@@ -27,14 +26,6 @@ FAST = ["--data", "synthetic", "--horizon", "24", "--lookback", "64", "--no-prog
         "--calib-epochs", "2", "--ft-max-steps", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(out, *extra) -> tuple[int, str, str]:
     """main(["run", ...]) with stdout and stderr (the log) captured: (rc, stdout, stderr)."""
     o, e = io.StringIO(), io.StringIO()
@@ -44,7 +35,7 @@ def _run(out, *extra) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, one_thread):
+def full_run(tmp_path_factory, _one_thread):
     """The default macro-batch (1024) on 48 train windows, every test window (no --max-eval-windows);
     a generous --val-tolerance so the pruned masks are kept."""
     out = tmp_path_factory.mktemp("full") / "run"

@@ -18,14 +18,6 @@ from tsprune import Pruner
 from tsprune.train import frozen
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(case, g, dtype):
     ctx, tgt = case.inputs(g)
     return ctx.to(dtype), tgt.to(dtype)

@@ -37,14 +37,6 @@ RUN = ["--macro-batch-size", "64", "--prune-ratio-per-epoch", "0.5", "--calib-ep
        "--val-tolerance", "0.05", "--ft-max-steps", "3", "--calib-windows", "128"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """family -> a local HF checkpoint directory of a small random-init model."""

@@ -35,14 +35,6 @@ FAMILIES = [
 PATCH = {"chronos2": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(name, seed=0):
     case = CASES[name]
     model = case.build()

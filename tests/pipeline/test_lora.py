@@ -25,14 +25,6 @@ from tsprune.data import WindowDataset
 from tsprune.train import add_lora, finetune, lora_settings, mean_loss, merge_lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _pruned(name: str, dtype=torch.float64) -> nn.Module:
     """The case's model with ~40% of every mask's units zeroed by hand, repacked (eval mode)."""
     case = CASES[name]

@@ -23,14 +23,6 @@ warnings.filterwarnings("ignore", message=".*compiled CPU extension not loaded.*
 L0 = "model.encoder.mlp_mixer_encoder.mixers.0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _point(model, ctx):
     with torch.no_grad():
         return get_adapter(model)._point(model, ctx)

@@ -13,14 +13,6 @@ from tsprune.pretrain import build_model
 pytest.importorskip("chronos")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed=0):
     m = build_model(dict(d_model=32, d_kv=8, num_heads=4, d_ff=64,
                          chronos_config=dict(context_length=64, prediction_length=16)), seed=seed)
