@@ -291,7 +291,7 @@ def _grids(a):
     ptf = [{"prune_ratio_per_epoch": r, "ema": e, "lr": lr}
            for r, e, lr in itertools.product(a.grid_prune_ratio if a.search else [a.prune_ratio_per_epoch],
                                              a.grid_ema if a.search else [a.ema],
-                                             a.grid_lr if a.search else [a.lr])]
+                                             a.grid_ptf_lr if a.search else [a.lr])]
     return ft, ptf
 
 
@@ -323,7 +323,8 @@ def cmd_run(a) -> dict:
                      "task": task.summary()}
     seeds = [a.seed + i for i in range(a.seeds)]
     ft_grid, ptf_grid = _grids(a)
-    search = {"metric": "validation MSE", "val_windows": len(task.val),
+    search = {"metric": "validation MSE", "budget": {"finetune": len(ft_grid), "prune_finetune": len(ptf_grid)},
+              "val_windows": len(task.val),
               "val_windows_available": task.val.n_available, "finetune": [], "prune_finetune": []}
 
     results["zero_shot"] = _metrics(base, adapter, task.test, a)
@@ -664,8 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--search", action="store_true",
                        help="pick each setting's hyper-parameters by validation MSE over the --grid-* grids "
                             "(only the picks are scored on test); results.json 'search' records the grid")
-        g.add_argument("--grid-lr", type=_num_list(float, 0.0), default=[3e-4, 1e-3, 3e-3],
-                       help="fine-tune lr grid (both settings)")
+        # Equal budgets by default: 4 fine-tune candidates (lr) against 4 prune-then-finetune
+        # candidates (2 lr x 2 ratios x 1 ema), so neither setting wins by being searched harder.
+        g.add_argument("--grid-lr", type=_num_list(float, 0.0), default=[3e-4, 1e-3, 3e-3, 1e-2],
+                       help="lr grid of the fine-tune setting")
+        g.add_argument("--grid-ptf-lr", type=_num_list(float, 0.0), default=[1e-3, 3e-3],
+                       help="lr grid of the prune-then-finetune setting (crossed with the ratio and ema grids)")
         g.add_argument("--grid-prune-ratio", type=_num_list(float, 0.0, 1.0), default=[0.1, 0.2],
                        help="prune_ratio_per_epoch grid")
         g.add_argument("--grid-ema", type=_num_list(float, 0.0, 1.0), default=[0.5], help="ema grid")

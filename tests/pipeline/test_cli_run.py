@@ -203,12 +203,13 @@ def test_search_picks_by_validation_not_test(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_task", task)
     monkeypatch.setattr(cli, "_val_mse", rigged_val_mse)
     out = tmp_path / "run"
-    rc, _, log = _run(out, "--search", "--grid-lr", "0,0.003", "--grid-prune-ratio", "0.5", "--grid-ema", "0.5",
+    rc, _, log = _run(out, "--search", "--grid-lr", "0,0.003", "--grid-ptf-lr", "0,0.003", "--grid-prune-ratio", "0.5", "--grid-ema", "0.5",
                       "--val-tolerance", "10", "--max-eval-windows", "48")
     assert rc == 0, log
     res = json.loads((out / "results.json").read_text())
     s = res["search"]
     assert s["metric"] == "validation MSE"
+    assert s["budget"] == {"finetune": 2, "prune_finetune": 2}
     assert len(calls) == 4  # 2 fine-tune + 2 prune-then-finetune candidates, nothing else ranked
     for key, rows in (("finetune", calls[:2]), ("prune_finetune", calls[2:])):
         grid = s[key]
