@@ -12,13 +12,20 @@ process, median after warm-up (benchmarks/_common.bench, runs interleaved round-
     plain autograd masks (the same arena scoring and global select, only the mask gradients come
     from autograd), wall time and windows/s, and whether the three pruned the same units.
 
-    python benchmarks/bench_compact.py [--batch 8] [--reps 3] [--tiny] [--whole default]
+(c) ``--memory``: each row of (b) again, each in a fresh subprocess, reporting the process's peak
+    resident memory during calibration (sampled every 2 ms from /proc) and its rise over the resident memory just before calibration
+    starts (model, its host copy for compaction, data and arena all built), i.e. what the
+    calibration loop itself adds at its peak. CPU only; on CUDA use torch.cuda.max_memory_allocated.
+
+    python benchmarks/bench_compact.py [--batch 8] [--reps 3] [--tiny] [--whole default] [--memory]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -155,7 +162,36 @@ class _AutogradMaskPruner:
         self._sync()
 
 
-def whole_calibration(which, windows, epochs, macro=None):
+def _rss_mib() -> float:
+    """Current resident set size of this process (MiB), from /proc (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _PeakRSS:
+    """Samples this process's resident memory every ``dt`` seconds in a thread (ru_maxrss would
+    also count the set-up's peaks); ``peak`` is the largest sample (MiB)."""
+
+    def __init__(self, dt: float = 0.002):
+        import threading
+        self.dt, self.peak, self._stop = dt, _rss_mib(), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.dt):
+            self.peak = max(self.peak, _rss_mib())
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
+def whole_calibration(which, windows, epochs, macro=None, only=None):
     from tsprune.data import make_task
     from tsprune.models import load_model
     from tsprune.train import calibrate, frozen, mean_loss
@@ -168,9 +204,17 @@ def whole_calibration(which, windows, epochs, macro=None):
                      max_train_windows=windows, max_eval_windows=max(64, windows // 8))
     out, masks = {}, {}
     for name in ("tsprune_compact", "tsprune_masks_only", "autograd_masks"):
+        if only is not None and name != only:
+            continue
         m = copy.deepcopy(base)
         pr = tsprune.Pruner(m, criterion="taylor", ema=0.5, prune_ratio_per_epoch=0.3,
                             macro_batch_size=macro or max(1, windows // 4), compact=name == "tsprune_compact")
+        if name == "tsprune_compact":
+            pr.enable_compaction()  # its host copy counts as set-up, like the model itself
+        rss0 = _rss_mib()
+        sampler = _PeakRSS() if only is not None else None
+        if sampler is not None:
+            sampler.__enter__()
         t, c = time.perf_counter(), time.process_time()
         if name == "autograd_masks":
             # the same loop as calibrate's (validation before and after every epoch included),
@@ -192,9 +236,15 @@ def whole_calibration(which, windows, epochs, macro=None):
             calibrate(m, pr, task.train, task.val, epochs=epochs, batch_size=8, val_tolerance=10.0,
                       patience=epochs, seed=0)
         dt, cpu = time.perf_counter() - t, time.process_time() - c
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
         masks[name] = {k: v.clone() for k, v in pr.masks.items()}
         out[name] = {"wall_s": dt, "cpu_s": cpu, "windows_per_s": epochs * len(task.train) / dt,
-                     "pruned_fraction": pr.pruned_fraction()}
+                     "pruned_fraction": pr.pruned_fraction(), "rss_before_mib": rss0}
+        if sampler is not None:
+            out[name]["peak_rss_mib"] = sampler.peak
+    if only is not None:
+        return {"model": which, "train_windows": len(task.train), "epochs": epochs, "runs": out}
     ref = masks["tsprune_masks_only"]
     for name in out:
         out[name]["same_masks_as_masks_only"] = all(torch.equal(ref[k] != 0, masks[name][k] != 0) for k in ref)
@@ -210,6 +260,23 @@ def whole_calibration(which, windows, epochs, macro=None):
     return {"model": which, "train_windows": len(task.train), "epochs": epochs, "runs": out}
 
 
+def memory_table(which, windows, epochs, macro=None):
+    """(c): every row of (b) in its own fresh process; peak RSS and its rise over the set-up."""
+    rows = {}
+    for name in ("tsprune_compact", "tsprune_masks_only", "autograd_masks"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--no-step", "--whole", which, "--windows", str(windows),
+               "--epochs", str(epochs), "--only", name, "--json-only"] + (["--macro", str(macro)] if macro else [])
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        run = json.loads(r.stdout.strip().splitlines()[-1])["runs"][name]
+        run["calibration_rise_mib"] = max(0.0, run["peak_rss_mib"] - run["rss_before_mib"])
+        rows[name] = run
+    print(f"(c) peak resident memory, {which} model, each row in a fresh process (MiB):")
+    for k, v in rows.items():
+        print(f"  {k:20s} before calibration {v['rss_before_mib']:8.1f}  peak {v['peak_rss_mib']:8.1f}  "
+              f"rise {v['calibration_rise_mib']:7.1f}  ({v['wall_s']:.1f} s)")
+    return {"model": which, "runs": rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=8)
@@ -220,13 +287,22 @@ def main(argv=None):
     p.add_argument("--macro", type=int, default=None, help="macro-batch of (b) (default: windows / 4)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--no-step", action="store_true", help="skip (a)")
+    p.add_argument("--memory", action="store_true", help="(c): peak memory of each row of (b), one process each")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one row of (b) (used by --memory)
+    p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.only:
+        res = whole_calibration(a.whole, a.windows, a.epochs, a.macro, only=a.only)
+        print(json.dumps(res))
+        return
     cfg = BOLT_TINY if a.tiny else BOLT_SMALL
     res = {"config": cfg, "batch": a.batch}
     if not a.no_step:
         res["step"] = step_table(cfg, a.batch, a.reps)
     if a.whole != "none":
         res["whole"] = whole_calibration(a.whole, a.windows, a.epochs, a.macro)
+    if a.memory and a.whole != "none":
+        res["memory"] = memory_table(a.whole, a.windows, a.epochs, a.macro)
     name = "compact" + ("_tiny" if a.tiny else "") + ("_step" if a.whole == "none" else "") + \
         ("_whole" if a.no_step else "")
     print("wrote", write(name, res))
