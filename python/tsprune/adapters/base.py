@@ -3,8 +3,12 @@
 Stage of the flow: model -> **adapter** -> mask sites (the Pruner puts them in the ScoreArena).
 An adapter receives a model of its family; it hands on
 
+Every built-in family derives all three from one description of its structure (a ``Layout``,
+adapters/layout.py); a family file writes the layout, the objective and, where needed, a pruned
+attention class.
+
 * ``sites(model)``: every prunable Linear (or Conv1d) with the masks it carries, in a fixed order;
-* ``plan(model, masks)``: from mask values (one entry per unit) to the physical shapes and keep indices
+* ``plan(model, masks, sites=None)``: from mask values (one entry per unit) to the physical shapes and keep indices
   of every module, with the couplings of SPEC.md applied (q/k share head dims, v/o share, FFN
   up/gate/down share channels, a head whose v dims are all gone is removed, ...);
 * ``apply_plan(model, plan)``: restructures a model *in place* to the plan's shapes (new empty
@@ -124,8 +128,10 @@ class Adapter:
         raise NotImplementedError
 
     # -- physical repack ------------------------------------------------------------------------
-    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> Plan:
-        """masks: Site.mask_name(side) -> 1-D mask (units). Computes coupled keep indices."""
+    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor], sites: list[Site] | None = None) -> Plan:
+        """masks: Site.mask_name(side) -> 1-D mask (units). Computes coupled keep indices.
+        sites: the sites the masks belong to (the Pruner's, which may drop residual sides); None =
+        ``self.sites(model)``."""
         raise NotImplementedError
 
     def apply_plan(self, model: nn.Module, plan: Plan) -> None:

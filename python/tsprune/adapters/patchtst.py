@@ -31,18 +31,12 @@ from transformers.models.patchtst.modeling_patchtst import (
 )
 
 from . import register
-from ._common import (
-    PlanBuilder,
-    apply_linears,
-    attention_sites,
-    ffn_sites,
-    plan_attention,
-    plan_ffn,
-    refuse_repacked,
-    resolve_block,
-    trained_part,
-)
-from .base import Adapter, Plan, Site
+from ._common import pack_series, roll_out, trained_part, unpack_series
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter
+
+# the Wav2Vec2 / Bart attention of PatchTST and PatchTSMixer: projection names and reshape sizes
+BART_PROJ = ("q_proj", "k_proj", "v_proj", "out_proj")
+BART_SIZES = (("num_heads", "heads"), ("head_dim", "qk_dim"), ("v_head_dim", "v_dim"))
 
 
 class PrunedPatchTSTAttention(PatchTSTAttention):
@@ -79,7 +73,7 @@ class PrunedPatchTSTAttention(PatchTSTAttention):
 
 
 @register
-class PatchTSTAdapter(Adapter):
+class PatchTSTAdapter(LayoutAdapter):
     """loss: MSE of the point forecast over the first min(H, ``prediction_length``) target steps (the
     model's own MSE loss; a distribution head uses the model's own NLL and needs at least
     ``prediction_length`` target steps).
@@ -99,88 +93,36 @@ class PatchTSTAdapter(Adapter):
         return int(model.config.prediction_length)
 
     # -- structure ------------------------------------------------------------------------------
-    @staticmethod
-    def _layers(model: nn.Module) -> list[str]:
-        return [n for n, m in model.named_modules() if isinstance(m, PatchTSTEncoderLayer)]
-
-    @staticmethod
-    def _proj(lp: str) -> dict[str, str]:
-        ap = f"{lp}.self_attn"
-        return {"q": f"{ap}.q_proj", "k": f"{ap}.k_proj", "v": f"{ap}.v_proj", "o": f"{ap}.out_proj"}
-
-    @staticmethod
-    def _ffn(model: nn.Module, lp: str) -> tuple[str, str, nn.Module]:
-        ff = model.get_submodule(f"{lp}.ff")
-        idx = [i for i, m in enumerate(ff) if isinstance(m, nn.Linear)]
-        if len(idx) != 2:
-            raise TypeError(f"{lp}.ff: expected two Linears, found {len(idx)}")
-        act = next(m for m in list(ff)[idx[0] + 1 : idx[1]] if not isinstance(m, (nn.Dropout, nn.Identity)))
-        return f"{lp}.ff.{idx[0]}", f"{lp}.ff.{idx[1]}", act
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        refuse_repacked(model, (PrunedPatchTSTAttention,))
-        rb = resolve_block(self.block, "residual", resolve_block(self.block, "ffn"))
-        sites: list[Site] = []
-        for i, lp in enumerate(self._layers(model)):
-            att = model.get_submodule(f"{lp}.self_attn")
-            layer = f"encoder.{i}"
-            sites += attention_sites(
-                model, self._proj(lp), att.num_heads, att.head_dim,
-                heads=self.heads, residual_block=rb, layer=layer, kind="self_attn",
-            )
-            up, down, _ = self._ffn(model, lp)
-            sites += ffn_sites(
-                model, {"ffn.fc1": up}, ("ffn.fc2", down), block=self.block, residual_block=rb, layer=layer
-            )
-        return sites
-
-    # -- plan -----------------------------------------------------------------------------------
-    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> Plan:
-        by_path = {s.path: s for s in self.sites(model)}
-        plan = Plan(family=self.family, extra={"heads": {}, "ffn": {}})
-        pb = PlanBuilder(plan)
-        for lp in self._layers(model):
-            ap = f"{lp}.self_attn"
+    def layout(self, model: nn.Module) -> Layout:
+        """Per encoder layer: self_attn, then the position-wise FFN ``ff`` (first Linear up, last down)."""
+        blocks = []
+        layers = [n for n, m in model.named_modules() if isinstance(m, PatchTSTEncoderLayer)]
+        for i, lp in enumerate(layers):
+            ap, fp = f"{lp}.self_attn", f"{lp}.ff"
             att = model.get_submodule(ap)
-            hp = plan_attention(model, pb, by_path, masks, self._proj(lp), att.num_heads, att.head_dim)
-            plan.attrs[ap] = {"num_heads": len(hp.heads), "head_dim": hp.qk_dim, "v_head_dim": hp.v_dim}
-            plan.extra["heads"][ap] = hp.heads
-            up, down, act = self._ffn(model, lp)
-            plan.extra["ffn"][f"{lp}.ff"] = len(plan_ffn(model, pb, by_path, masks, act=act, up=up, down=down))
-        return plan
-
-    def apply_plan(self, model: nn.Module, plan: Plan) -> None:
-        apply_linears(model, plan)
-        for ap, attrs in plan.attrs.items():
-            att = model.get_submodule(ap)
-            if not isinstance(att, PrunedPatchTSTAttention):
-                att.__class__ = PrunedPatchTSTAttention
-            for k, v in attrs.items():
-                setattr(att, k, int(v))
+            ff = model.get_submodule(fp)
+            idx = [j for j, m in enumerate(ff) if isinstance(m, nn.Linear)]
+            if len(idx) != 2:
+                raise TypeError(f"{fp}: expected two Linears, found {len(idx)}")
+            act = next(m for m in list(ff)[idx[0] + 1 : idx[1]] if not isinstance(m, (nn.Dropout, nn.Identity)))
+            blocks.append(Block(
+                f"encoder.{i}",
+                (Attention(ap, "self_attn", att.num_heads, att.head_dim, BART_SIZES, proj=BART_PROJ),),
+                (FFN(fp, ("ffn.fc1", f"{fp}.{idx[0]}"), ("ffn.fc2", f"{fp}.{idx[1]}"), act),),
+            ))
+        return Layout(tuple(blocks), PrunedPatchTSTAttention)
 
     # -- objective ------------------------------------------------------------------------------
     @staticmethod
     def _pack(model, x: torch.Tensor) -> torch.Tensor:
         """[B, T] series -> [ceil(B / C), T, C] (C = num_input_channels; last row repeated as padding)."""
         cfg = model.config
-        c = cfg.num_input_channels
-        if c == 1:
-            return x.unsqueeze(-1)
-        if cfg.channel_attention or not cfg.share_embedding or not cfg.share_projection:
+        if cfg.num_input_channels > 1 and (cfg.channel_attention or not cfg.share_embedding or not cfg.share_projection):
             raise ValueError(
                 "PatchTST with num_input_channels > 1 needs channel-independent weights "
                 "(share_embedding, share_projection, no channel_attention) to forecast single series"
             )
-        b = x.shape[0]
-        pad = (-b) % c
-        if pad:
-            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])], dim=0)
-        return x.reshape(-1, c, x.shape[-1]).transpose(1, 2)
-
-    @staticmethod
-    def _unpack(y: torch.Tensor, b: int) -> torch.Tensor:
-        """[B', T, C] -> [B, T]."""
-        return y.transpose(1, 2).reshape(-1, y.shape[1])[:b]
+        return pack_series(x, cfg.num_input_channels)
 
     def _context(self, model, context: torch.Tensor) -> torch.Tensor:
         n = model.config.context_length
@@ -195,7 +137,7 @@ class PatchTSTAdapter(Adapter):
             y = dist.mean
         else:
             y = out.prediction_outputs
-        return self._unpack(y, context.shape[0])
+        return unpack_series(y, context.shape[0])
 
     def loss(self, model, context, target):
         p = model.config.prediction_length
@@ -213,10 +155,4 @@ class PatchTSTAdapter(Adapter):
 
     @torch.no_grad()
     def predict(self, model, context, horizon):
-        outs, ctx, left = [], context, horizon
-        while left > 0:
-            y = self._point(model, ctx)
-            outs.append(y[:, :left])
-            left -= y.shape[-1]
-            ctx = torch.cat([ctx, y.to(ctx.dtype)], dim=-1)
-        return torch.cat(outs, dim=-1)
+        return roll_out(lambda ctx: self._point(model, ctx), context, horizon)
