@@ -42,6 +42,7 @@ from chronos.chronos2.model import Chronos2Model
 
 from . import register
 from ._common import median_index, trained_part
+from .attention import split_heads, zero_scores
 from .layout import FFN, Attention, Block, Layout, LayoutAdapter, RoPE
 
 
@@ -64,13 +65,11 @@ class PrunedChronos2MHA(MHA):
         if n_heads == 0:
             return AttentionOutput(hidden_states=self.o(hidden_states.new_zeros((b, s, 0))), attn_weights=None)
         src = encoder_states if encoder_states is not None else hidden_states
-        t = src.shape[1]
-        query = self.q(hidden_states).view(b, s, n_heads, d_qk).transpose(1, 2)
-        key = self.k(src).view(b, t, n_heads, d_qk).transpose(1, 2)
-        value = self.v(src).view(b, t, n_heads, d_v).transpose(1, 2)
+        query = split_heads(self.q(hidden_states), n_heads, d_qk)
+        key = split_heads(self.k(src), n_heads, d_qk)
+        value = split_heads(self.v(src), n_heads, d_v)
         if d_qk == 0:  # no q/k dim left: q.k == 0, the scores are the mask alone
-            query = query.new_zeros((b, n_heads, s, 1))
-            key = key.new_zeros((b, n_heads, t, 1))
+            query, key = zero_scores(query, key)
         elif self.use_rope and encoder_states is None:
             if position_ids is None:
                 raise ValueError("PrunedChronos2MHA: position_ids must be provided when use_rope=True")

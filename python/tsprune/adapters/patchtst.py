@@ -32,6 +32,7 @@ from transformers.models.patchtst.modeling_patchtst import (
 
 from . import register
 from ._common import pack_series, roll_out, trained_part, unpack_series
+from .attention import heads_attention
 from .layout import FFN, Attention, Block, Layout, LayoutAdapter
 
 # the Wav2Vec2 / Bart attention of PatchTST and PatchTSMixer: projection names and reshape sizes
@@ -44,32 +45,13 @@ class PrunedPatchTSTAttention(PatchTSTAttention):
     ``scaling`` attribute keeps its original value."""
 
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, output_attentions=False, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        n_heads, d_qk, d_v = self.num_heads, self.head_dim, self.v_head_dim
-        current = key_value_states if key_value_states is not None else hidden_states
-        lead = current.shape[:-1]
-        query = self.q_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-        key = self.k_proj(current).view(*lead, n_heads, d_qk).transpose(1, 2)
-        value = self.v_proj(current).view(*lead, n_heads, d_v).transpose(1, 2)
-        if n_heads == 0:
-            return self.out_proj(hidden_states.new_zeros((*input_shape, 0))), None
-        if d_qk == 0:  # no q/k dim left: all scores are zero (uniform attention)
-            query = query.new_zeros((*query.shape[:-1], 1))
-            key = key.new_zeros((*key.shape[:-1], 1))
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.dropout,
-            scaling=self.scaling,
-            output_attentions=output_attentions,
-            **kwargs,
+        return heads_attention(
+            self, hidden_states, key_value_states, attention_mask, proj=BART_PROJ,
+            dims=(self.num_heads, self.head_dim, self.v_head_dim),
+            attention=ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward),
+            scaling=self.scaling, dropout=self.dropout if self.training else 0.0,
+            output_attentions=output_attentions, **kwargs,
         )
-        out = out.reshape(*input_shape, n_heads * d_v).contiguous()
-        return self.out_proj(out), weights
 
 
 @register

@@ -39,6 +39,7 @@ from transformers.models.t5.modeling_t5 import (
 
 from . import register
 from ._common import median_index, trained_part
+from .attention import split_heads, zero_scores
 from .layout import FFN, Attention, Block, Layout, LayoutAdapter, SharedHeadTable
 
 
@@ -65,7 +66,7 @@ class PrunedT5Attention(T5Attention):
         past_seen = past_seen.clone() if isinstance(past_seen, torch.Tensor) else past_seen
         is_cross = key_value_states is not None
 
-        query = self.q(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
+        query = split_heads(self.q(hidden_states), n_heads, d_qk)
 
         is_updated = False
         if isinstance(cache, EncoderDecoderCache):
@@ -78,9 +79,8 @@ class PrunedT5Attention(T5Attention):
             key = curr_cache.layers[self.layer_idx].keys
             value = curr_cache.layers[self.layer_idx].values
         else:
-            lead = current.shape[:-1]
-            key = self.k(current).view(*lead, n_heads, d_qk).transpose(1, 2)
-            value = self.v(current).view(*lead, n_heads, d_v).transpose(1, 2)
+            key = split_heads(self.k(current), n_heads, d_qk)
+            value = split_heads(self.v(current), n_heads, d_v)
             if cache is not None:
                 key, value = curr_cache.update(key, value, self.layer_idx, kwargs=kwargs)
                 if is_cross and isinstance(cache, EncoderDecoderCache):
@@ -103,8 +103,7 @@ class PrunedT5Attention(T5Attention):
             weights = None
         else:
             if d_qk == 0:  # no q/k dim left: q.k == 0, scores are the bias alone
-                query = query.new_zeros((*query.shape[:-1], 1))
-                key = key.new_zeros((*key.shape[:-1], 1))
+                query, key = zero_scores(query, key)
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )

@@ -36,6 +36,7 @@ from transformers.models.timesfm.modeling_timesfm import (
 
 from . import register
 from ._common import roll_out, trained_part
+from .attention import heads_attention
 from .layout import FFN, Attention, Block, Layout, LayoutAdapter
 
 try:  # TimesFM 2.5 is in recent transformers only
@@ -52,46 +53,28 @@ except ImportError:  # pragma: no cover
     TimesFm2_5ModelForPrediction = None
 
 
-def _zero_scores(query, key):
-    """No q/k dim left: q.k == 0 for every pair (the masked model's scores)."""
-    return query.new_zeros((*query.shape[:-1], 1)), key.new_zeros((*key.shape[:-1], 1))
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _interface(att, eager):
+    return ALL_ATTENTION_FUNCTIONS.get_interface(att.config._attn_implementation, eager)
 
 
 class PrunedTimesFmAttention(TimesFmAttention):
     """TimesFmAttention with per-layer ``num_heads``, q/k ``head_dim``, v/o ``v_head_dim`` and a
     per-head per-dim ``scaling`` [num_heads * head_dim]; ``orig_head_dim`` sizes the constant."""
 
-    def _scale_query(self, query: torch.Tensor) -> torch.Tensor:
+    def _scale_query(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = F.softplus(self.scaling).mul(1.442695041 / math.sqrt(self.orig_head_dim))
-        return query * scale.view(1, self.num_heads, 1, self.head_dim)
+        return query * scale.view(1, self.num_heads, 1, self.head_dim), key
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        n_heads, d_qk, d_v = self.num_heads, self.head_dim, self.v_head_dim
-        query = self.q_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(*input_shape, n_heads, d_v).transpose(1, 2)
-        if n_heads == 0:
-            return self.o_proj(hidden_states.new_zeros((*input_shape, 0))), None
-        if d_qk == 0:
-            query, key = _zero_scores(query, key)
-        else:
-            query = self._scale_query(query)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, simple_eager_attention_forward
+        return heads_attention(
+            self, hidden_states, None, attention_mask, proj=_PROJ,
+            dims=(self.num_heads, self.head_dim, self.v_head_dim),
+            attention=_interface(self, simple_eager_attention_forward), scaling=1.0,
+            dropout=self.attention_dropout if self.training else 0.0, prepare=self._scale_query, **kwargs,
         )
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=1.0,
-            **kwargs,
-        )
-        out = out.reshape(*input_shape, n_heads * d_v).contiguous()
-        return self.o_proj(out), weights
 
 
 if TimesFm2_5ModelForPrediction is not None:
@@ -103,34 +86,18 @@ if TimesFm2_5ModelForPrediction is not None:
         def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
             if cache is None:
                 cache = kwargs.pop("past_key_values", None)
-            input_shape = hidden_states.shape[:-1]
-            n_heads, d_qk, d_v = self.num_heads, self.head_dim, self.v_head_dim
-            query = self.q_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-            key = self.k_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-            value = self.v_proj(hidden_states).view(*input_shape, n_heads, d_v).transpose(1, 2)
-            if n_heads == 0:
-                return self.o_proj(hidden_states.new_zeros((*input_shape, 0))), None
-            cos, sin = position_embeddings
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            query = self.q_norm(query)
-            key = self.k_norm(key)
-            scale = F.softplus(self.scaling).mul(1.442695041 / math.sqrt(self.head_dim))
-            query = query * scale[None, None, None, :]
-            if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_2_5)
-            out, weights = attention(
-                self,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=self.attention_dropout if self.training else 0.0,
-                scaling=1.0,
-                **kwargs,
+
+            def prepare(query, key):  # as TimesFM 2.5: RoPE, q/k RMS norm, per-dim query scaling
+                query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+                scale = F.softplus(self.scaling).mul(1.442695041 / math.sqrt(self.head_dim))
+                return self.q_norm(query) * scale[None, None, None, :], self.k_norm(key)
+
+            return heads_attention(
+                self, hidden_states, None, attention_mask, proj=_PROJ,
+                dims=(self.num_heads, self.head_dim, self.v_head_dim), attention=_interface(self, _eager_2_5),
+                scaling=1.0, dropout=self.attention_dropout if self.training else 0.0, prepare=prepare,
+                cache=cache, **kwargs,
             )
-            out = out.reshape(*input_shape, n_heads * d_v).contiguous()
-            return self.o_proj(out), weights
 
 
 class _TimesFmBase(LayoutAdapter):
@@ -163,7 +130,7 @@ class _TimesFmBase(LayoutAdapter):
             ap, mp = f"{lp}.self_attn", f"{lp}.mlp"
             att = model.get_submodule(ap)
             attn = Attention(ap, "self_attn", att.q_proj.out_features // att.head_dim, att.head_dim, self.sizes,
-                             proj=("q_proj", "k_proj", "v_proj", "o_proj"), qk_full=self.qk_full,
+                             proj=_PROJ, qk_full=self.qk_full,
                              head_params=self.head_params)
             ffn = FFN(mp, (f"ffn.{self.up}", f"{mp}.{self.up}"), (f"ffn.{self.down}", f"{mp}.{self.down}"),
                       self._act(model.get_submodule(mp)))
