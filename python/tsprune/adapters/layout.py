@@ -141,6 +141,61 @@ class Layout:
         return {a.path: a for b in self.blocks for a in b.attentions}
 
 
+def check_layout(layout: Layout, model: nn.Module) -> None:
+    """Raise ValueError where ``layout`` does not describe ``model``: a path that is not a Linear of
+    the stated width, an unknown size quantity, an attention class the engine cannot adopt, a
+    shared table or plan.extra key missing. Every adapter's sites() runs it, so a new family's
+    layout is checked on first use (and by the conformance table, tests/pipeline/test_adapters.py)."""
+    def linear(path: str, what: str) -> nn.Linear:
+        try:
+            lin = model.get_submodule(path)
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"layout: {what} {path!r} is not an nn.Linear of the model")
+        return lin
+
+    seen: set[str] = set()
+    attns = set(layout.attentions())
+    for blk in layout.blocks:
+        for a in blk.attentions:
+            width = a.n_heads * a.head_dim
+            for r in "qkvo":
+                lin = linear(a.linear(r), f"{a.kind}.{r}")
+                got = lin.in_features if r == "o" else lin.out_features
+                if got != width:
+                    raise ValueError(f"layout: {a.linear(r)} has {got} head channels, not {a.n_heads} x {a.head_dim}")
+            bad = [q for _, q in a.sizes if q not in SIZES]
+            if bad or not any(q == "heads" for _, q in a.sizes):
+                raise ValueError(f"layout: {a.path} sizes must name 'heads' and only {SIZES}, got {a.sizes}")
+            cls = layout.attention_cls
+            if cls is not None and not issubclass(cls, type(model.get_submodule(a.path))):
+                raise ValueError(f"layout: {cls.__name__} is not a subclass of {a.path}'s class")
+            if a.rope is not None and (a.head_dim % 2 or "rope_pairs" not in layout.extra):
+                raise ValueError(f"layout: {a.path} has RoPE pairs: needs an even head dim and extra 'rope_pairs'")
+            for name in a.head_params:
+                p = getattr(model.get_submodule(a.path), name, None)
+                if not isinstance(p, nn.Parameter) or tuple(p.shape) != (a.head_dim,):
+                    raise ValueError(f"layout: {a.path}.{name} is not a parameter [head_dim]")
+            seen |= {a.linear(r) for r in "qkvo"}
+        for f in blk.ffns:
+            ups = [linear(p, k) for k, p in f.ups().items()]
+            down = linear(f.down[1], f.down[0])
+            if any(u.out_features != down.in_features for u in ups):
+                raise ValueError(f"layout: {f.path} up / down widths differ")
+            seen |= {*f.ups().values(), f.down[1]}
+        for t in blk.tables:
+            if not set(t.users) <= attns or not isinstance(model.get_submodule(f"{t.owner}.{t.param}"), nn.Embedding):
+                raise ValueError(f"layout: shared table {t.owner}.{t.param} must be an Embedding used by attentions")
+            if not {"bias_heads", "bias_tables"} <= set(layout.extra):
+                raise ValueError("layout: shared tables need extra 'bias_heads' and 'bias_tables'")
+    if not {"heads", "ffn"} <= set(layout.extra):
+        raise ValueError(f"layout: extra must hold 'heads' and 'ffn', got {layout.extra}")
+    n = sum(4 * len(b.attentions) + sum(len(f.ups()) + 1 for f in b.ffns) for b in layout.blocks)
+    if len(seen) != n:
+        raise ValueError("layout: a Linear appears in more than one group")
+
+
 # -- sites --------------------------------------------------------------------------------------
 def layout_sites(layout: Layout, model: nn.Module, *, block, heads: bool) -> list[Site]:
     """Every Site of the layout: per block its attentions (q, k, v, o) then its FFNs (gate, up,
@@ -322,7 +377,9 @@ class LayoutAdapter(Adapter):
 
     def _checked_layout(self, model: nn.Module) -> Layout:
         refuse_repacked(model)  # before the layout reads shapes that repack changed
-        return self.layout(model)
+        lay = self.layout(model)
+        check_layout(lay, model)
+        return lay
 
     def sites(self, model: nn.Module) -> list[Site]:
         return layout_sites(self._checked_layout(model), model, block=self.block, heads=self.heads)
@@ -338,6 +395,6 @@ class LayoutAdapter(Adapter):
 
 
 __all__: list[Any] = [
-    "Attention", "Block", "FFN", "Layout", "LayoutAdapter", "RoPE", "SharedHeadTable", "adopt_class",
+    "Attention", "Block", "FFN", "Layout", "LayoutAdapter", "RoPE", "SharedHeadTable", "adopt_class", "check_layout",
     "layout_apply", "layout_plan", "layout_sites",
 ]
