@@ -1,6 +1,7 @@
 """Chronos-2 family: chronos-forecasting's ``chronos.chronos2.Chronos2Model`` (chronos-2, 120M).
 
-Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model; this file
+holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives a Chronos2Model; hands on its sites (every encoder block's time self-attention and group
 attention q, k, v, o and its FFN wi -> act -> wo), a plan from mask values and the in-place
 restructuring for repack and load. Input / output patch embeddings (residual MLPs) are not pruned.

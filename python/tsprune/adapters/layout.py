@@ -27,7 +27,7 @@ order), so saved models load unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -394,7 +394,7 @@ class LayoutAdapter(Adapter):
         layout_apply(self.layout(model), model, plan, self.family)
 
 
-__all__: list[Any] = [
+__all__ = [
     "Attention", "Block", "FFN", "Layout", "LayoutAdapter", "RoPE", "SharedHeadTable", "adopt_class", "check_layout",
     "layout_apply", "layout_plan", "layout_sites",
 ]

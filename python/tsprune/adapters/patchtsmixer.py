@@ -1,7 +1,8 @@
 """PatchTSMixer family: transformers ``PatchTSMixerForPrediction`` (an MLP-mixer TSFM, the
 architecture of IBM's TTM; docs/METHOD.md "Families").
 
-Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model; this file
+holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives a PatchTSMixerForPrediction; hands on its sites, a plan from mask values and the in-place
 restructuring for repack and load. Per mixer layer (``model.encoder.mlp_mixer_encoder.mixers.i``):
 

@@ -1,6 +1,7 @@
 """PatchTST family: transformers ``PatchTSTForPrediction``.
 
-Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model; this file
+holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives a PatchTSTForPrediction; hands on its sites (every encoder layer's self_attn q_proj, k_proj,
 v_proj, out_proj and its position-wise FFN ``ff``: first Linear = up, last Linear = down), a plan
 from mask values, and the in-place restructuring for repack and load. Embedding and head are not

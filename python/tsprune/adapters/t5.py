@@ -1,6 +1,7 @@
 """T5 encoder-decoder family: Chronos-Bolt (default model of tsprune) and classic Chronos.
 
-Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model; this file
+holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives a ``ChronosBoltModelForForecasting`` (chronos-forecasting), or classic Chronos: a
 ``ChronosModel`` wrapping a ``T5ForConditionalGeneration``, or that T5 alone with ``chronos_config``
 in its config (as a Chronos checkpoint loads); hands on its sites (every q, k, v, o of SelfAttention and

@@ -1,7 +1,8 @@
 """TimesFM family: transformers ``TimesFmModelForPrediction`` (TimesFM 1.0 / 2.0) and
 ``TimesFm2_5ModelForPrediction`` (TimesFM 2.5).
 
-Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model; this file
+holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives one of the two prediction models; hands on its sites (every decoder layer's self_attn
 q_proj, k_proj, v_proj, o_proj and its MLP: gate_proj -> relu -> down_proj in 1.0/2.0, fc1 -> act ->
 fc2 in 2.5), a plan from mask values and the in-place restructuring for repack and load. Input and
