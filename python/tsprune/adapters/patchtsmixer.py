@@ -24,7 +24,6 @@ nonzero stays (gelu(b) != 0 still feeds fc2), exactly as the masked model comput
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.patchtsmixer.modeling_patchtsmixer import (
@@ -34,9 +33,8 @@ from transformers.models.patchtsmixer.modeling_patchtsmixer import (
 )
 
 from . import register
-from ._common import pack_series, roll_out, trained_part, unpack_series
-from .layout import FFN, Attention, Block, Layout, LayoutAdapter
-from .patchtst import BART_PROJ, BART_SIZES, PrunedPatchTSTAttention
+from .layout import FFN, Attention, Block, Layout
+from .patchtst import BART_PROJ, BART_SIZES, PointForecastAdapter, PrunedPatchTSTAttention
 
 
 class PrunedPatchTSMixerAttention(PatchTSMixerAttention):
@@ -58,28 +56,18 @@ _MLPS = (("patch", "patch_mixer.mlp"), ("feature", "feature_mixer.mlp"), ("chann
 
 
 @register
-class PatchTSMixerAdapter(LayoutAdapter):
-    """loss: MSE of the point forecast over the first min(H, ``prediction_length``) target steps (the
-    model's own MSE loss; a distribution head uses the model's own NLL and needs at least
-    ``prediction_length`` steps and a full channel pack).
-    predict: ``prediction_outputs`` (a distribution head: its mean); beyond ``prediction_length`` the
-    forecast is appended to the context and forecast again (transformers has no pipeline for it).
-
-    Context: [B, L] series, the last ``context_length`` values used (shorter raises). With
-    ``num_input_channels`` C > 1 in ``common_channel`` mode (channel-independent) the batch is packed
-    C series per sample; ``mix_channel`` mixes channels and needs C == 1 for single series."""
+class PatchTSMixerAdapter(PointForecastAdapter):
+    """PatchTSMixer: the layout below, the point-forecast objective of ``PointForecastAdapter``.
+    C > 1 input channels are packed only in ``common_channel`` mode (channel-independent);
+    ``mix_channel`` mixes channels and needs C == 1 for single series."""
 
     family = "patchtsmixer"
+    name = "PatchTSMixer"
     model_classes = ("transformers.models.patchtsmixer.modeling_patchtsmixer:PatchTSMixerForPrediction",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return isinstance(model, PatchTSMixerForPrediction)
-
-    @staticmethod
-    def prediction_length(model) -> int:
-        """Steps one forward pass forecasts (and the longest target the loss trains on)."""
-        return int(model.config.prediction_length)
 
     # -- structure ------------------------------------------------------------------------------
     def layout(self, model: nn.Module) -> Layout:
@@ -100,48 +88,12 @@ class PatchTSMixerAdapter(LayoutAdapter):
             blocks.append(Block(f"mixer.{i}", tuple(attns), tuple(ffns)))
         return Layout(tuple(blocks), PrunedPatchTSMixerAttention)
 
-    # -- objective ------------------------------------------------------------------------------
-    @staticmethod
-    def _pack(model, x: torch.Tensor) -> torch.Tensor:
-        """[B, T] series -> [ceil(B / C), T, C] (C = num_input_channels; last row repeated as padding)."""
-        cfg = model.config
-        c = cfg.num_input_channels
-        if c > 1 and cfg.mode != "common_channel":
+    # -- objective (PointForecastAdapter) -------------------------------------------------------
+    def _check_channels(self, cfg) -> None:
+        if cfg.mode != "common_channel":
             raise ValueError(
-                f"PatchTSMixer with num_input_channels {c} in mode {cfg.mode!r} mixes channels; single series "
-                "need mode='common_channel' (channel-independent) or num_input_channels=1"
+                f"PatchTSMixer with num_input_channels {cfg.num_input_channels} in mode {cfg.mode!r} mixes "
+                "channels; single series need mode='common_channel' (channel-independent) or num_input_channels=1"
             )
-        if c > 1 and cfg.prediction_channel_indices is not None:
+        if cfg.prediction_channel_indices is not None:
             raise ValueError("PatchTSMixer: prediction_channel_indices must be None to forecast packed single series")
-        return pack_series(x, c)
-
-    def _context(self, model, context: torch.Tensor) -> torch.Tensor:
-        n = model.config.context_length
-        if context.ndim != 2 or context.shape[-1] < n:
-            raise ValueError(f"PatchTSMixer needs a context [B, >= {n}], got shape {tuple(context.shape)}")
-        return self._pack(model, context[..., -n:])
-
-    def _point(self, model, context: torch.Tensor) -> torch.Tensor:
-        out = model(past_values=self._context(model, context))
-        if model.distribution_output is not None:
-            y = model.distribution_output.distribution(out.prediction_outputs, loc=out.loc, scale=out.scale).mean
-        else:
-            y = out.prediction_outputs
-        return unpack_series(y, context.shape[0])
-
-    def loss(self, model, context, target):
-        p = self.prediction_length(model)
-        target = trained_part(target, p)
-        h = target.shape[-1]
-        if model.distribution_output is None:
-            return F.mse_loss(self._point(model, context)[:, :h], target)
-        if h != p or context.shape[0] % model.config.num_input_channels:
-            raise ValueError(
-                f"PatchTSMixer NLL loss: needs >= {p} target steps (got {h}) and a batch that is a multiple "
-                f"of num_input_channels {model.config.num_input_channels} (got {context.shape[0]})"
-            )
-        return model(past_values=self._context(model, context), future_values=self._pack(model, target)).loss
-
-    @torch.no_grad()
-    def predict(self, model, context, horizon):
-        return roll_out(lambda ctx: self._point(model, ctx), context, horizon)

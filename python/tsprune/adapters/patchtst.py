@@ -55,25 +55,79 @@ class PrunedPatchTSTAttention(PatchTSTAttention):
         )
 
 
-@register
-class PatchTSTAdapter(LayoutAdapter):
-    """loss: MSE of the point forecast over the first min(H, ``prediction_length``) target steps (the
-    model's own MSE loss; a distribution head uses the model's own NLL and needs at least
-    ``prediction_length`` target steps).
-    predict: ``prediction_outputs`` (a distribution head: its mean); horizons beyond
-    ``prediction_length`` roll out by appending the forecast to the context and forecasting again
-    from its last ``context_length`` values (transformers has no PatchTST pipeline of its own)."""
+class PointForecastAdapter(LayoutAdapter):
+    """Objective of transformers' point-forecast models (``past_values`` [B, L, C] ->
+    ``prediction_outputs`` [B, p, C], optional distribution head): PatchTST and PatchTSMixer.
 
-    family = "patchtst"
+    loss: MSE of the point forecast over the first min(H, p) target steps (the model's own MSE
+    loss); a distribution head uses the model's own NLL and needs at least p target steps and a full
+    channel pack. predict: the point forecast (a distribution head: its mean); beyond p it is
+    appended to the context and forecast again from its last ``context_length`` values
+    (transformers has no pipeline for these models). Context [B, L >= context_length]; with C > 1
+    input channels (channel-independent) the batch is packed C series per sample. Subclasses say
+    when packing is allowed (``_check_channels``)."""
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, PatchTSTForPrediction)
+    name = ""
 
     @staticmethod
     def prediction_length(model) -> int:
         """Steps one forward pass forecasts (and the longest target the loss trains on)."""
         return int(model.config.prediction_length)
+
+    def _check_channels(self, cfg) -> None:
+        """Raise ValueError where C > 1 channels cannot be forecast as independent series."""
+
+    def _pack(self, model, x: torch.Tensor) -> torch.Tensor:
+        """[B, T] series -> [ceil(B / C), T, C] (C = num_input_channels; last row repeated as padding)."""
+        if model.config.num_input_channels > 1:
+            self._check_channels(model.config)
+        return pack_series(x, model.config.num_input_channels)
+
+    def _context(self, model, context: torch.Tensor) -> torch.Tensor:
+        n = model.config.context_length
+        if context.ndim != 2 or context.shape[-1] < n:
+            raise ValueError(f"{self.name} needs a context [B, >= {n}], got shape {tuple(context.shape)}")
+        return self._pack(model, context[..., -n:])
+
+    def _point(self, model, context: torch.Tensor) -> torch.Tensor:
+        """Point forecast [B, p] of one forward pass."""
+        out = model(past_values=self._context(model, context))
+        if model.distribution_output is not None:
+            y = model.distribution_output.distribution(out.prediction_outputs, loc=out.loc, scale=out.scale).mean
+        else:
+            y = out.prediction_outputs
+        return unpack_series(y, context.shape[0])
+
+    def loss(self, model, context, target):
+        p = self.prediction_length(model)
+        target = trained_part(target, p)
+        h = target.shape[-1]
+        if model.distribution_output is None:
+            return F.mse_loss(self._point(model, context)[:, :h], target)
+        if h != p or context.shape[0] % model.config.num_input_channels:
+            raise ValueError(
+                f"{self.name} NLL loss: needs >= {p} target steps (got {h}) and a batch that is a multiple "
+                f"of num_input_channels {model.config.num_input_channels} (got {context.shape[0]})"
+            )
+        return model(past_values=self._context(model, context), future_values=self._pack(model, target)).loss
+
+    @torch.no_grad()
+    def predict(self, model, context, horizon):
+        return roll_out(lambda ctx: self._point(model, ctx), context, horizon)
+
+
+@register
+class PatchTSTAdapter(PointForecastAdapter):
+    """PatchTST: the layout below, the point-forecast objective of ``PointForecastAdapter``. C > 1
+    input channels are packed only with channel-independent weights (shared embedding and
+    projection, no channel attention)."""
+
+    family = "patchtst"
+    name = "PatchTST"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, PatchTSTForPrediction)
 
     # -- structure ------------------------------------------------------------------------------
     def layout(self, model: nn.Module) -> Layout:
@@ -95,47 +149,10 @@ class PatchTSTAdapter(LayoutAdapter):
             ))
         return Layout(tuple(blocks), PrunedPatchTSTAttention)
 
-    # -- objective ------------------------------------------------------------------------------
-    @staticmethod
-    def _pack(model, x: torch.Tensor) -> torch.Tensor:
-        """[B, T] series -> [ceil(B / C), T, C] (C = num_input_channels; last row repeated as padding)."""
-        cfg = model.config
-        if cfg.num_input_channels > 1 and (cfg.channel_attention or not cfg.share_embedding or not cfg.share_projection):
+    # -- objective (PointForecastAdapter) -------------------------------------------------------
+    def _check_channels(self, cfg) -> None:
+        if cfg.channel_attention or not cfg.share_embedding or not cfg.share_projection:
             raise ValueError(
                 "PatchTST with num_input_channels > 1 needs channel-independent weights "
                 "(share_embedding, share_projection, no channel_attention) to forecast single series"
             )
-        return pack_series(x, cfg.num_input_channels)
-
-    def _context(self, model, context: torch.Tensor) -> torch.Tensor:
-        n = model.config.context_length
-        if context.shape[-1] < n:
-            raise ValueError(f"PatchTST needs a context of {n} values, got {context.shape[-1]}")
-        return self._pack(model, context[..., -n:])
-
-    def _point(self, model, context: torch.Tensor) -> torch.Tensor:
-        out = model(past_values=self._context(model, context))
-        if model.distribution_output is not None:
-            dist = model.distribution_output.distribution(out.prediction_outputs, loc=out.loc, scale=out.scale)
-            y = dist.mean
-        else:
-            y = out.prediction_outputs
-        return unpack_series(y, context.shape[0])
-
-    def loss(self, model, context, target):
-        p = model.config.prediction_length
-        target = trained_part(target, p)
-        h = target.shape[-1]
-        if model.distribution_output is None:
-            return F.mse_loss(self._point(model, context)[:, :h], target)
-        if h != p or context.shape[0] % model.config.num_input_channels:
-            raise ValueError(
-                f"PatchTST NLL loss: needs >= {p} target steps (got {h}) and a batch that is a multiple "
-                f"of num_input_channels {model.config.num_input_channels} (got {context.shape[0]})"
-            )
-        out = model(past_values=self._context(model, context), future_values=self._pack(model, target))
-        return out.loss
-
-    @torch.no_grad()
-    def predict(self, model, context, horizon):
-        return roll_out(lambda ctx: self._point(model, ctx), context, horizon)
