@@ -126,6 +126,11 @@ class Block:
     ffns: tuple[FFN, ...] = ()
     tables: tuple[SharedHeadTable, ...] = ()
 
+    def linears(self) -> list[str]:
+        """Paths of every Linear of the block's groups, in site order."""
+        return [a.linear(r) for a in self.attentions for r in "qkvo"] + \
+            [p for f in self.ffns for p in (*f.ups().values(), f.down[1])]
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -155,7 +160,6 @@ def check_layout(layout: Layout, model: nn.Module) -> None:
             raise ValueError(f"layout: {what} {path!r} is not an nn.Linear of the model")
         return lin
 
-    seen: set[str] = set()
     attns = set(layout.attentions())
     for blk in layout.blocks:
         for a in blk.attentions:
@@ -171,19 +175,19 @@ def check_layout(layout: Layout, model: nn.Module) -> None:
             cls = layout.attention_cls
             if cls is not None and not issubclass(cls, type(model.get_submodule(a.path))):
                 raise ValueError(f"layout: {cls.__name__} is not a subclass of {a.path}'s class")
-            if a.rope is not None and (a.head_dim % 2 or "rope_pairs" not in layout.extra):
-                raise ValueError(f"layout: {a.path} has RoPE pairs: needs an even head dim and extra 'rope_pairs'")
+            if a.rope is not None and (a.head_dim % 2 or "rope_pairs" not in layout.extra
+                                       or not any(q == "qk_dim" for _, q in a.sizes)):
+                raise ValueError(f"layout: {a.path} has RoPE pairs: needs an even head dim, a 'qk_dim' size "
+                                 "and extra 'rope_pairs'")
             for name in a.head_params:
                 p = getattr(model.get_submodule(a.path), name, None)
                 if not isinstance(p, nn.Parameter) or tuple(p.shape) != (a.head_dim,):
                     raise ValueError(f"layout: {a.path}.{name} is not a parameter [head_dim]")
-            seen |= {a.linear(r) for r in "qkvo"}
         for f in blk.ffns:
             ups = [linear(p, k) for k, p in f.ups().items()]
             down = linear(f.down[1], f.down[0])
             if any(u.out_features != down.in_features for u in ups):
                 raise ValueError(f"layout: {f.path} up / down widths differ")
-            seen |= {*f.ups().values(), f.down[1]}
         for t in blk.tables:
             if not set(t.users) <= attns or not isinstance(model.get_submodule(f"{t.owner}.{t.param}"), nn.Embedding):
                 raise ValueError(f"layout: shared table {t.owner}.{t.param} must be an Embedding used by attentions")
@@ -191,8 +195,8 @@ def check_layout(layout: Layout, model: nn.Module) -> None:
                 raise ValueError("layout: shared tables need extra 'bias_heads' and 'bias_tables'")
     if not {"heads", "ffn"} <= set(layout.extra):
         raise ValueError(f"layout: extra must hold 'heads' and 'ffn', got {layout.extra}")
-    n = sum(4 * len(b.attentions) + sum(len(f.ups()) + 1 for f in b.ffns) for b in layout.blocks)
-    if len(seen) != n:
+    paths = [p for b in layout.blocks for p in b.linears()]
+    if len(set(paths)) != len(paths):
         raise ValueError("layout: a Linear appears in more than one group")
 
 
@@ -222,8 +226,7 @@ def layout_plan(layout: Layout, model: nn.Module, masks: dict[str, torch.Tensor]
     Linear with no site, or a side with no mask, counts as fully alive)."""
     by_path = {s.path: s for s in sites}
     for blk in layout.blocks:  # unmasked Linears of the layout: every channel alive
-        for path in [a.linear(r) for a in blk.attentions for r in "qkvo"] + \
-                [p for f in blk.ffns for p in (*f.ups().values(), f.down[1])]:
+        for path in blk.linears():
             by_path.setdefault(path, Site(path, None, None, blk.layer, ""))
     plan = Plan(family=family, extra={k: {} for k in layout.extra})
     pb = PlanBuilder(plan)
