@@ -7,7 +7,7 @@ modules they sit on; hands the adapters Python lists of kept indices (JSON-seria
 uninitialised modules of the planned shapes. Touches no model state beyond what an adapter asks.
 
 Liveness rules (all exact for any mask values, because repack folds the masks into the weights
-first; SPEC.md "Coupling"):
+first; docs/METHOD.md, "Units"):
 
 * a channel is *alive* on one side of a Linear when its mask entry is nonzero;
 * an output of a Linear is *effectively* alive when its out-mask is nonzero and it can be nonzero:
