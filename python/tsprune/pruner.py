@@ -236,7 +236,7 @@ class Pruner:
         if self._orig is None:
             self.enable_compaction()
         masks = {n: m.detach().cpu() for n, m in self.masks.items()}
-        plan = self.adapter.plan(self._orig, masks)
+        plan = self.adapter.plan(self._orig, masks, sites=self.sites)  # the Pruner's sites (residual sides dropped)
         phys = _Physical.build(self.arena, self.sites, plan, self._orig)
         if phys is None:  # a partial block: keep the layout, refresh the mask values
             if self._phys is not None:

@@ -1,12 +1,13 @@
-"""Shared machinery of the transformer adapters (t5, patchtst, timesfm): mask sides, coupled keep
-indices of attention heads and FFN channels, and module replacement.
+"""Shared machinery of the layout engine (layout.py) and the family files: mask sides, coupled keep
+indices of attention heads and FFN channels, module replacement, and the objective helpers
+(trained part of a target, the autoregressive roll-out, channel packing).
 
 Stage of the flow: adapter internals. Receives mask values (one entry per unit, any float) and the
 modules they sit on; hands the adapters Python lists of kept indices (JSON-serialisable) and new,
 uninitialised modules of the planned shapes. Touches no model state beyond what an adapter asks.
 
 Liveness rules (all exact for any mask values, because repack folds the masks into the weights
-first; SPEC.md "Coupling"):
+first; docs/METHOD.md, "Units"):
 
 * a channel is *alive* on one side of a Linear when its mask entry is nonzero;
 * an output of a Linear is *effectively* alive when its out-mask is nonzero and it can be nonzero:
@@ -135,7 +136,7 @@ def plan_heads(
     heads = [h for h in range(n_heads) if bool(vo[h].any())]
     qk_n = [int(qk[h].sum()) for h in heads]
     v_n = [int(vo[h].sum()) for h in heads]
-    qk_dim = head_dim if (qk_full and heads) else max(qk_n, default=0)
+    qk_dim = head_dim if qk_full else max(qk_n, default=0)
     v_dim = max(v_n, default=0)
     qk_rows: list[int] = []
     v_rows: list[int] = []
@@ -208,6 +209,43 @@ def trained_part(target: torch.Tensor, prediction_length: int) -> torch.Tensor:
     if target.ndim < 1 or target.shape[-1] < 1:
         raise ValueError(f"target must have at least one step, got shape {tuple(target.shape)}")
     return target[..., :prediction_length] if target.shape[-1] > prediction_length else target
+
+
+def roll_out(step, context: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Autoregressive point forecast [B, horizon] from context [B, L].
+
+    step(ctx [B, L']) -> [B, p] is one forward pass of the model; beyond p the forecast is appended
+    to the context and forecast again (the decode loop of TimesFM, used for every family without a
+    pipeline of its own; docs/METHOD.md "Horizons")."""
+    outs, ctx, left = [], context, horizon
+    while left > 0:
+        y = step(ctx)
+        outs.append(y[:, :left])
+        left -= y.shape[-1]
+        ctx = torch.cat([ctx, y.to(ctx.dtype)], dim=-1)
+    return torch.cat(outs, dim=-1)
+
+
+def median_index(quantiles) -> int:
+    """Index of the quantile level closest to 0.5 (the point forecast of quantile models)."""
+    qs = [float(q) for q in quantiles]
+    return min(range(len(qs)), key=lambda i: abs(qs[i] - 0.5))
+
+
+def pack_series(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """[B, T] single series -> [ceil(B / C), T, C] for a channel-independent model of C input
+    channels (the last series repeats as padding); C == 1 gives [B, T, 1]."""
+    if channels == 1:
+        return x.unsqueeze(-1)
+    pad = (-x.shape[0]) % channels
+    if pad:
+        x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])], dim=0)
+    return x.reshape(-1, channels, x.shape[-1]).transpose(1, 2)
+
+
+def unpack_series(y: torch.Tensor, b: int) -> torch.Tensor:
+    """Inverse of ``pack_series``: [B', T, C] -> [b, T]."""
+    return y.transpose(1, 2).reshape(-1, y.shape[1])[:b]
 
 
 # -- module surgery ------------------------------------------------------------------------------
@@ -294,27 +332,6 @@ def ffn_sites(
     return out
 
 
-def plan_attention(
-    model: nn.Module,
-    pb: PlanBuilder,
-    sites: dict[str, Site],
-    masks: dict[str, torch.Tensor],
-    proj: dict[str, str],
-    n_heads: int,
-    head_dim: int,
-    *,
-    qk_full: bool = False,
-) -> HeadPlan:
-    """Coupled keep indices of one attention module's q, k, v, o into the plan; returns the heads."""
-    lq, lk, lv, lo = (linear_live(model, sites[proj[n]], masks) for n in "qkvo")
-    hp = plan_heads(n_heads, head_dim, lq.out & lk.out, lv.out & lo.inp, qk_full=qk_full)
-    pb.linear(model, proj["q"], hp.qk_rows, None, zero=not bool(lq.inp.any()))
-    pb.linear(model, proj["k"], hp.qk_rows, None, zero=not bool(lk.inp.any()))
-    pb.linear(model, proj["v"], hp.v_rows, None, zero=not bool(lv.inp.any()))
-    pb.linear(model, proj["o"], None, hp.v_rows, zero=not bool(lo.inp.any()))
-    return hp
-
-
 def plan_ffn(
     model: nn.Module,
     pb: PlanBuilder,
@@ -345,10 +362,12 @@ def plan_ffn(
     return keep
 
 
-def refuse_repacked(model: nn.Module, pruned_classes: tuple[type, ...]) -> None:
+def refuse_repacked(model: nn.Module) -> None:
     """Sites and plans are computed on an unpruned model; a repacked one (per-layer shapes, separate
-    q/k and v/o head dims, ZeroLinears) cannot be pruned again by these adapters."""
-    if any(isinstance(m, pruned_classes) or isinstance(m, ZeroLinear) for m in model.modules()):
+    q/k and v/o head dims, ZeroLinears) cannot be pruned again by these adapters. A repacked model
+    is recognised by its modules of tsprune's own classes (the pruned attentions of the family
+    files, ZeroLinear), whatever the family."""
+    if any(type(m).__module__.startswith(__package__ + ".") for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} was already repacked by tsprune; prune the original model instead "
             "(re-pruning a repacked model is not supported)"

@@ -3,9 +3,13 @@
 Stage of the flow: model -> **adapter** -> mask sites (the Pruner puts them in the ScoreArena).
 An adapter receives a model of its family; it hands on
 
+Every built-in family derives all three from one description of its structure (a ``Layout``,
+adapters/layout.py); a family file writes the layout, the objective and, where needed, a pruned
+attention class.
+
 * ``sites(model)``: every prunable Linear (or Conv1d) with the masks it carries, in a fixed order;
-* ``plan(model, masks)``: from mask values (one entry per unit) to the physical shapes and keep indices
-  of every module, with the couplings of SPEC.md applied (q/k share head dims, v/o share, FFN
+* ``plan(model, masks, sites=None)``: from mask values (one entry per unit) to the physical shapes and keep indices
+  of every module, with the couplings of docs/METHOD.md applied (q/k share head dims, v/o share, FFN
   up/gate/down share channels, a head whose v dims are all gone is removed, ...);
 * ``apply_plan(model, plan)``: restructures a model *in place* to the plan's shapes (new empty
   Linear modules, per-head parameters, every attribute that sizes a reshape). Both repack (which then
@@ -41,7 +45,7 @@ class Site:
     layer:  the layer it belongs to (for the sparsity heatmap), e.g. ``"encoder.3"``.
     kind:   the module type within the layer (heatmap column), e.g. ``"self_attn.q"``, ``"ffn.wi"``.
     residual_in / residual_out: True where that side is the residual (hidden) stream; those zeros
-            stay as zero weights after repack (SPEC.md: residual width is not removed yet).
+            stay as zero weights after repack (docs/METHOD.md: residual width is not removed yet).
     """
 
     path: str
@@ -124,8 +128,10 @@ class Adapter:
         raise NotImplementedError
 
     # -- physical repack ------------------------------------------------------------------------
-    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> Plan:
-        """masks: Site.mask_name(side) -> 1-D mask (units). Computes coupled keep indices."""
+    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor], sites: list[Site] | None = None) -> Plan:
+        """masks: Site.mask_name(side) -> 1-D mask (units). Computes coupled keep indices.
+        sites: the sites the masks belong to (the Pruner's, which may drop residual sides); None =
+        ``self.sites(model)``."""
         raise NotImplementedError
 
     def apply_plan(self, model: nn.Module, plan: Plan) -> None:

@@ -1,6 +1,7 @@
 """Chronos-2 family: chronos-forecasting's ``chronos.chronos2.Chronos2Model`` (chronos-2, 120M).
 
-Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model; this file
+holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives a Chronos2Model; hands on its sites (every encoder block's time self-attention and group
 attention q, k, v, o and its FFN wi -> act -> wo), a plan from mask values and the in-place
 restructuring for repack and load. Input / output patch embeddings (residual MLPs) are not pruned.
@@ -41,20 +42,9 @@ from chronos.chronos2.layers import MHA, AttentionOutput, Chronos2RotaryEmbeddin
 from chronos.chronos2.model import Chronos2Model
 
 from . import register
-from ._common import (
-    PlanBuilder,
-    _pad,
-    apply_linears,
-    attention_sites,
-    ffn_sites,
-    linear_live,
-    plan_ffn,
-    plan_heads,
-    refuse_repacked,
-    resolve_block,
-    trained_part,
-)
-from .base import Adapter, Plan, Site
+from ._common import median_index, trained_part
+from .attention import split_heads, zero_scores
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter, RoPE
 
 
 class PrunedChronos2MHA(MHA):
@@ -76,13 +66,11 @@ class PrunedChronos2MHA(MHA):
         if n_heads == 0:
             return AttentionOutput(hidden_states=self.o(hidden_states.new_zeros((b, s, 0))), attn_weights=None)
         src = encoder_states if encoder_states is not None else hidden_states
-        t = src.shape[1]
-        query = self.q(hidden_states).view(b, s, n_heads, d_qk).transpose(1, 2)
-        key = self.k(src).view(b, t, n_heads, d_qk).transpose(1, 2)
-        value = self.v(src).view(b, t, n_heads, d_v).transpose(1, 2)
+        query = split_heads(self.q(hidden_states), n_heads, d_qk)
+        key = split_heads(self.k(src), n_heads, d_qk)
+        value = split_heads(self.v(src), n_heads, d_v)
         if d_qk == 0:  # no q/k dim left: q.k == 0, the scores are the mask alone
-            query = query.new_zeros((b, n_heads, s, 1))
-            key = key.new_zeros((b, n_heads, t, 1))
+            query, key = zero_scores(query, key)
         elif self.use_rope and encoder_states is None:
             if position_ids is None:
                 raise ValueError("PrunedChronos2MHA: position_ids must be provided when use_rope=True")
@@ -108,13 +96,11 @@ class PrunedChronos2MHA(MHA):
 _UNROLLED_QUANTILES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
-def _median_index(quantiles) -> int:
-    qs = [float(q) for q in quantiles]
-    return min(range(len(qs)), key=lambda i: abs(qs[i] - 0.5))
+_SIZES = (("n_heads", "heads"), ("kv_proj_dim", "qk_dim"), ("v_head_dim", "v_dim"), ("inner_dim", "qk_inner"))
 
 
 @register
-class Chronos2Adapter(Adapter):
+class Chronos2Adapter(LayoutAdapter):
     """Chronos-2 (``Chronos2Model``).
 
     loss: the model's own quantile loss on the first min(H, p) target steps, p = max_output_patches
@@ -136,109 +122,20 @@ class Chronos2Adapter(Adapter):
         return int(cc.max_output_patches * cc.output_patch_size)
 
     # -- structure ------------------------------------------------------------------------------
-    @staticmethod
-    def _layout(model) -> list[tuple[int, list[tuple[str, str, bool]], str]]:
-        """[(block index, [(kind, attention path, rope)], ffn path)]"""
-        out = []
+    def layout(self, model: nn.Module) -> Layout:
+        """Per encoder block: time self-attention (RoPE pairs), group attention, then the FFN."""
+        blocks = []
         for i, _blk in enumerate(model.encoder.block):
             base = f"encoder.block.{i}.layer"
-            attns = [("time_attn", f"{base}.0.self_attention", True), ("group_attn", f"{base}.1.self_attention", False)]
-            out.append((i, attns, f"{base}.2.mlp"))
-        return out
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        refuse_repacked(model, (PrunedChronos2MHA,))
-        rb = resolve_block(self.block, "residual", resolve_block(self.block, "ffn"))
-        sites: list[Site] = []
-        for i, attns, fp in self._layout(model):
-            layer = f"encoder.{i}"
-            for kind, ap, _rope in attns:
+            attns = []
+            for kind, ap in (("time_attn", f"{base}.0.self_attention"), ("group_attn", f"{base}.1.self_attention")):
                 att = model.get_submodule(ap)
-                sites += attention_sites(
-                    model, {n: f"{ap}.{n}" for n in "qkvo"}, att.n_heads, att.kv_proj_dim,
-                    heads=self.heads, residual_block=rb, layer=layer, kind=kind,
-                )
-            sites += ffn_sites(
-                model, {"ffn.wi": f"{fp}.wi"}, ("ffn.wo", f"{fp}.wo"), block=self.block, residual_block=rb, layer=layer
-            )
-        return sites
-
-    # -- plan -----------------------------------------------------------------------------------
-    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> Plan:
-        by_path = {s.path: s for s in self.sites(model)}
-        plan = Plan(family=self.family, extra={"heads": {}, "rope_pairs": {}, "ffn": {}})
-        pb = PlanBuilder(plan)
-        for _i, attns, fp in self._layout(model):
-            for _kind, ap, rope in attns:
-                att = model.get_submodule(ap)
-                self._plan_mha(model, pb, plan, by_path, masks, ap, att.n_heads, att.kv_proj_dim, rope)
-            mlp = model.get_submodule(fp)
-            keep = plan_ffn(model, pb, by_path, masks, act=mlp.act, up=f"{fp}.wi", down=f"{fp}.wo")
-            plan.extra["ffn"][fp] = len(keep)
-        return plan
-
-    @staticmethod
-    def _plan_mha(model, pb, plan, by_path, masks, ap, n_heads, d, rope) -> None:
-        proj = {n: f"{ap}.{n}" for n in "qkvo"}
-        lq, lk, lv, lo = (linear_live(model, by_path[proj[n]], masks) for n in "qkvo")
-        hp = plan_heads(n_heads, d, lq.out & lk.out, lv.out & lo.inp)  # heads and v/o rows
-        qk_rows, qk_dim = hp.qk_rows, hp.qk_dim
-        if rope:
-            half = d // 2
-            q = lq.out.reshape(n_heads, 2, half).any(1)  # [h, pair]: some q dim of the pair alive
-            k = lk.out.reshape(n_heads, 2, half).any(1)
-            pair = q & k
-            m = max((int(pair[h].sum()) for h in hp.heads), default=0)
-            qk_rows, pairs = [], []
-            for h in hp.heads:
-                alive = [j for j in range(half) if pair[h, j]]
-                dead = [j for j in range(half) if not pair[h, j]]
-                js = _pad(alive, dead, m)  # dead pairs pad: their q or k pair is zero after folding
-                pairs.append(js)
-                qk_rows += [h * d + j for j in js] + [h * d + half + j for j in js]
-            qk_dim = 2 * m
-            plan.extra["rope_pairs"][ap] = pairs
-        pb.linear(model, proj["q"], qk_rows, None, zero=not bool(lq.inp.any()))
-        pb.linear(model, proj["k"], qk_rows, None, zero=not bool(lk.inp.any()))
-        pb.linear(model, proj["v"], hp.v_rows, None, zero=not bool(lv.inp.any()))
-        pb.linear(model, proj["o"], None, hp.v_rows, zero=not bool(lo.inp.any()))
-        n = len(hp.heads)
-        plan.attrs[ap] = {"n_heads": n, "kv_proj_dim": qk_dim, "v_head_dim": hp.v_dim, "inner_dim": n * qk_dim}
-        plan.extra["heads"][ap] = hp.heads
-
-    # -- restructure ----------------------------------------------------------------------------
-    def apply_plan(self, model: nn.Module, plan: Plan) -> None:
-        apply_linears(model, plan)
-        pairs_all = plan.extra.get("rope_pairs", {})
-        if not isinstance(pairs_all, dict):
-            raise ValueError("Chronos-2 plan: extra.rope_pairs must be an object (attention path -> pairs per head)")
-        for ap, attrs in plan.attrs.items():
-            att = model.get_submodule(ap)
-            if not isinstance(att, MHA):
-                raise ValueError(f"Chronos-2 plan: attrs.{ap} is not an attention module")
-            orig_d = att.kv_proj_dim
-            if not isinstance(att, PrunedChronos2MHA):
-                att.__class__ = PrunedChronos2MHA
-            for k, v in attrs.items():
-                setattr(att, k, int(v))
-            inv = None
-            if att.use_rope:
-                pairs = pairs_all.get(ap)
-                n, half = att.n_heads, att.kv_proj_dim // 2
-                ok = (
-                    isinstance(pairs, list) and len(pairs) == n and att.kv_proj_dim % 2 == 0
-                    and all(isinstance(js, list) and len(js) == half for js in pairs)
-                    and all(type(j) is int and 0 <= j < orig_d // 2 for js in pairs for j in js)
-                )
-                if not ok:
-                    raise ValueError(
-                        f"Chronos-2 plan: extra.rope_pairs.{ap} must list {n} heads x {half} rotary pair "
-                        f"indices in [0, {orig_d // 2})"
-                    )
-                base = att.rope_embed.inv_freq.detach().float()
-                idx = torch.tensor(pairs, dtype=torch.long, device=base.device).reshape(n, half)
-                inv = base[idx]
-            att.register_buffer("rope_inv_freq", inv, persistent=False)
+                rope = RoPE("rope_embed.inv_freq") if att.use_rope else None
+                attns.append(Attention(ap, kind, att.n_heads, att.kv_proj_dim, _SIZES, rope=rope))
+            fp = f"{base}.2.mlp"
+            ffn = FFN(fp, ("ffn.wi", f"{fp}.wi"), ("ffn.wo", f"{fp}.wo"), model.get_submodule(fp).act)
+            blocks.append(Block(f"encoder.{i}", tuple(attns), (ffn,)))
+        return Layout(tuple(blocks), PrunedChronos2MHA, extra=("heads", "rope_pairs", "ffn"))
 
     # -- objective ------------------------------------------------------------------------------
     @staticmethod
@@ -263,7 +160,7 @@ class Chronos2Adapter(Adapter):
     def predict(self, model, context, horizon, group_ids=None):
         """Median forecast [B, horizon] for context [B, L]; group_ids as in ``loss``."""
         p = self.prediction_length(model)
-        mi = _median_index(model.chronos_config.quantiles)
+        mi = median_index(model.chronos_config.quantiles)
         b = context.shape[0]
         g = self._groups(group_ids, b, context.device)
         if horizon <= p:

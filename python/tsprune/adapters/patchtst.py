@@ -1,6 +1,7 @@
 """PatchTST family: transformers ``PatchTSTForPrediction``.
 
-Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model; this file
+holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives a PatchTSTForPrediction; hands on its sites (every encoder layer's self_attn q_proj, k_proj,
 v_proj, out_proj and its position-wise FFN ``ff``: first Linear = up, last Linear = down), a plan
 from mask values, and the in-place restructuring for repack and load. Embedding and head are not
@@ -31,18 +32,13 @@ from transformers.models.patchtst.modeling_patchtst import (
 )
 
 from . import register
-from ._common import (
-    PlanBuilder,
-    apply_linears,
-    attention_sites,
-    ffn_sites,
-    plan_attention,
-    plan_ffn,
-    refuse_repacked,
-    resolve_block,
-    trained_part,
-)
-from .base import Adapter, Plan, Site
+from ._common import pack_series, roll_out, trained_part, unpack_series
+from .attention import heads_attention
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter
+
+# the Wav2Vec2 / Bart attention of PatchTST and PatchTSMixer: projection names and reshape sizes
+BART_PROJ = ("q_proj", "k_proj", "v_proj", "out_proj")
+BART_SIZES = (("num_heads", "heads"), ("head_dim", "qk_dim"), ("v_head_dim", "v_dim"))
 
 
 class PrunedPatchTSTAttention(PatchTSTAttention):
@@ -50,173 +46,113 @@ class PrunedPatchTSTAttention(PatchTSTAttention):
     ``scaling`` attribute keeps its original value."""
 
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, output_attentions=False, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        n_heads, d_qk, d_v = self.num_heads, self.head_dim, self.v_head_dim
-        current = key_value_states if key_value_states is not None else hidden_states
-        lead = current.shape[:-1]
-        query = self.q_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-        key = self.k_proj(current).view(*lead, n_heads, d_qk).transpose(1, 2)
-        value = self.v_proj(current).view(*lead, n_heads, d_v).transpose(1, 2)
-        if n_heads == 0:
-            return self.out_proj(hidden_states.new_zeros((*input_shape, 0))), None
-        if d_qk == 0:  # no q/k dim left: all scores are zero (uniform attention)
-            query = query.new_zeros((*query.shape[:-1], 1))
-            key = key.new_zeros((*key.shape[:-1], 1))
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.dropout,
-            scaling=self.scaling,
-            output_attentions=output_attentions,
-            **kwargs,
+        return heads_attention(
+            self, hidden_states, key_value_states, attention_mask, proj=BART_PROJ,
+            dims=(self.num_heads, self.head_dim, self.v_head_dim),
+            attention=ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward),
+            scaling=self.scaling, dropout=self.dropout if self.training else 0.0,
+            output_attentions=output_attentions, **kwargs,
         )
-        out = out.reshape(*input_shape, n_heads * d_v).contiguous()
-        return self.out_proj(out), weights
 
 
-@register
-class PatchTSTAdapter(Adapter):
-    """loss: MSE of the point forecast over the first min(H, ``prediction_length``) target steps (the
-    model's own MSE loss; a distribution head uses the model's own NLL and needs at least
-    ``prediction_length`` target steps).
-    predict: ``prediction_outputs`` (a distribution head: its mean); horizons beyond
-    ``prediction_length`` roll out by appending the forecast to the context and forecasting again
-    from its last ``context_length`` values (transformers has no PatchTST pipeline of its own)."""
+class PointForecastAdapter(LayoutAdapter):
+    """Objective of transformers' point-forecast models (``past_values`` [B, L, C] ->
+    ``prediction_outputs`` [B, p, C], optional distribution head): PatchTST and PatchTSMixer.
 
-    family = "patchtst"
+    loss: MSE of the point forecast over the first min(H, p) target steps (the model's own MSE
+    loss); a distribution head uses the model's own NLL and needs at least p target steps and a full
+    channel pack. predict: the point forecast (a distribution head: its mean); beyond p it is
+    appended to the context and forecast again from its last ``context_length`` values
+    (transformers has no pipeline for these models). Context [B, L >= context_length]; with C > 1
+    input channels (channel-independent) the batch is packed C series per sample. Subclasses say
+    when packing is allowed (``_check_channels``)."""
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, PatchTSTForPrediction)
+    name = ""
 
     @staticmethod
     def prediction_length(model) -> int:
         """Steps one forward pass forecasts (and the longest target the loss trains on)."""
         return int(model.config.prediction_length)
 
-    # -- structure ------------------------------------------------------------------------------
-    @staticmethod
-    def _layers(model: nn.Module) -> list[str]:
-        return [n for n, m in model.named_modules() if isinstance(m, PatchTSTEncoderLayer)]
+    def _check_channels(self, cfg) -> None:
+        """Raise ValueError where C > 1 channels cannot be forecast as independent series."""
 
-    @staticmethod
-    def _proj(lp: str) -> dict[str, str]:
-        ap = f"{lp}.self_attn"
-        return {"q": f"{ap}.q_proj", "k": f"{ap}.k_proj", "v": f"{ap}.v_proj", "o": f"{ap}.out_proj"}
-
-    @staticmethod
-    def _ffn(model: nn.Module, lp: str) -> tuple[str, str, nn.Module]:
-        ff = model.get_submodule(f"{lp}.ff")
-        idx = [i for i, m in enumerate(ff) if isinstance(m, nn.Linear)]
-        if len(idx) != 2:
-            raise TypeError(f"{lp}.ff: expected two Linears, found {len(idx)}")
-        act = next(m for m in list(ff)[idx[0] + 1 : idx[1]] if not isinstance(m, (nn.Dropout, nn.Identity)))
-        return f"{lp}.ff.{idx[0]}", f"{lp}.ff.{idx[1]}", act
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        refuse_repacked(model, (PrunedPatchTSTAttention,))
-        rb = resolve_block(self.block, "residual", resolve_block(self.block, "ffn"))
-        sites: list[Site] = []
-        for i, lp in enumerate(self._layers(model)):
-            att = model.get_submodule(f"{lp}.self_attn")
-            layer = f"encoder.{i}"
-            sites += attention_sites(
-                model, self._proj(lp), att.num_heads, att.head_dim,
-                heads=self.heads, residual_block=rb, layer=layer, kind="self_attn",
-            )
-            up, down, _ = self._ffn(model, lp)
-            sites += ffn_sites(
-                model, {"ffn.fc1": up}, ("ffn.fc2", down), block=self.block, residual_block=rb, layer=layer
-            )
-        return sites
-
-    # -- plan -----------------------------------------------------------------------------------
-    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> Plan:
-        by_path = {s.path: s for s in self.sites(model)}
-        plan = Plan(family=self.family, extra={"heads": {}, "ffn": {}})
-        pb = PlanBuilder(plan)
-        for lp in self._layers(model):
-            ap = f"{lp}.self_attn"
-            att = model.get_submodule(ap)
-            hp = plan_attention(model, pb, by_path, masks, self._proj(lp), att.num_heads, att.head_dim)
-            plan.attrs[ap] = {"num_heads": len(hp.heads), "head_dim": hp.qk_dim, "v_head_dim": hp.v_dim}
-            plan.extra["heads"][ap] = hp.heads
-            up, down, act = self._ffn(model, lp)
-            plan.extra["ffn"][f"{lp}.ff"] = len(plan_ffn(model, pb, by_path, masks, act=act, up=up, down=down))
-        return plan
-
-    def apply_plan(self, model: nn.Module, plan: Plan) -> None:
-        apply_linears(model, plan)
-        for ap, attrs in plan.attrs.items():
-            att = model.get_submodule(ap)
-            if not isinstance(att, PrunedPatchTSTAttention):
-                att.__class__ = PrunedPatchTSTAttention
-            for k, v in attrs.items():
-                setattr(att, k, int(v))
-
-    # -- objective ------------------------------------------------------------------------------
-    @staticmethod
-    def _pack(model, x: torch.Tensor) -> torch.Tensor:
+    def _pack(self, model, x: torch.Tensor) -> torch.Tensor:
         """[B, T] series -> [ceil(B / C), T, C] (C = num_input_channels; last row repeated as padding)."""
-        cfg = model.config
-        c = cfg.num_input_channels
-        if c == 1:
-            return x.unsqueeze(-1)
-        if cfg.channel_attention or not cfg.share_embedding or not cfg.share_projection:
-            raise ValueError(
-                "PatchTST with num_input_channels > 1 needs channel-independent weights "
-                "(share_embedding, share_projection, no channel_attention) to forecast single series"
-            )
-        b = x.shape[0]
-        pad = (-b) % c
-        if pad:
-            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])], dim=0)
-        return x.reshape(-1, c, x.shape[-1]).transpose(1, 2)
-
-    @staticmethod
-    def _unpack(y: torch.Tensor, b: int) -> torch.Tensor:
-        """[B', T, C] -> [B, T]."""
-        return y.transpose(1, 2).reshape(-1, y.shape[1])[:b]
+        if model.config.num_input_channels > 1:
+            self._check_channels(model.config)
+        return pack_series(x, model.config.num_input_channels)
 
     def _context(self, model, context: torch.Tensor) -> torch.Tensor:
         n = model.config.context_length
-        if context.shape[-1] < n:
-            raise ValueError(f"PatchTST needs a context of {n} values, got {context.shape[-1]}")
+        if context.ndim != 2 or context.shape[-1] < n:
+            raise ValueError(f"{self.name} needs a context [B, >= {n}], got shape {tuple(context.shape)}")
         return self._pack(model, context[..., -n:])
 
     def _point(self, model, context: torch.Tensor) -> torch.Tensor:
+        """Point forecast [B, p] of one forward pass."""
         out = model(past_values=self._context(model, context))
         if model.distribution_output is not None:
-            dist = model.distribution_output.distribution(out.prediction_outputs, loc=out.loc, scale=out.scale)
-            y = dist.mean
+            y = model.distribution_output.distribution(out.prediction_outputs, loc=out.loc, scale=out.scale).mean
         else:
             y = out.prediction_outputs
-        return self._unpack(y, context.shape[0])
+        return unpack_series(y, context.shape[0])
 
     def loss(self, model, context, target):
-        p = model.config.prediction_length
+        p = self.prediction_length(model)
         target = trained_part(target, p)
         h = target.shape[-1]
         if model.distribution_output is None:
             return F.mse_loss(self._point(model, context)[:, :h], target)
         if h != p or context.shape[0] % model.config.num_input_channels:
             raise ValueError(
-                f"PatchTST NLL loss: needs >= {p} target steps (got {h}) and a batch that is a multiple "
+                f"{self.name} NLL loss: needs >= {p} target steps (got {h}) and a batch that is a multiple "
                 f"of num_input_channels {model.config.num_input_channels} (got {context.shape[0]})"
             )
-        out = model(past_values=self._context(model, context), future_values=self._pack(model, target))
-        return out.loss
+        return model(past_values=self._context(model, context), future_values=self._pack(model, target)).loss
 
     @torch.no_grad()
     def predict(self, model, context, horizon):
-        outs, ctx, left = [], context, horizon
-        while left > 0:
-            y = self._point(model, ctx)
-            outs.append(y[:, :left])
-            left -= y.shape[-1]
-            ctx = torch.cat([ctx, y.to(ctx.dtype)], dim=-1)
-        return torch.cat(outs, dim=-1)
+        return roll_out(lambda ctx: self._point(model, ctx), context, horizon)
+
+
+@register
+class PatchTSTAdapter(PointForecastAdapter):
+    """PatchTST: the layout below, the point-forecast objective of ``PointForecastAdapter``. C > 1
+    input channels are packed only with channel-independent weights (shared embedding and
+    projection, no channel attention)."""
+
+    family = "patchtst"
+    name = "PatchTST"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, PatchTSTForPrediction)
+
+    # -- structure ------------------------------------------------------------------------------
+    def layout(self, model: nn.Module) -> Layout:
+        """Per encoder layer: self_attn, then the position-wise FFN ``ff`` (first Linear up, last down)."""
+        blocks = []
+        layers = [n for n, m in model.named_modules() if isinstance(m, PatchTSTEncoderLayer)]
+        for i, lp in enumerate(layers):
+            ap, fp = f"{lp}.self_attn", f"{lp}.ff"
+            att = model.get_submodule(ap)
+            ff = model.get_submodule(fp)
+            idx = [j for j, m in enumerate(ff) if isinstance(m, nn.Linear)]
+            if len(idx) != 2:
+                raise TypeError(f"{fp}: expected two Linears, found {len(idx)}")
+            act = next(m for m in list(ff)[idx[0] + 1 : idx[1]] if not isinstance(m, (nn.Dropout, nn.Identity)))
+            blocks.append(Block(
+                f"encoder.{i}",
+                (Attention(ap, "self_attn", att.num_heads, att.head_dim, BART_SIZES, proj=BART_PROJ),),
+                (FFN(fp, ("ffn.fc1", f"{fp}.{idx[0]}"), ("ffn.fc2", f"{fp}.{idx[1]}"), act),),
+            ))
+        return Layout(tuple(blocks), PrunedPatchTSTAttention)
+
+    # -- objective (PointForecastAdapter) -------------------------------------------------------
+    def _check_channels(self, cfg) -> None:
+        if cfg.channel_attention or not cfg.share_embedding or not cfg.share_projection:
+            raise ValueError(
+                "PatchTST with num_input_channels > 1 needs channel-independent weights "
+                "(share_embedding, share_projection, no channel_attention) to forecast single series"
+            )

@@ -1,6 +1,7 @@
 """T5 encoder-decoder family: Chronos-Bolt (default model of tsprune) and classic Chronos.
 
-Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model; this file
+holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives a ``ChronosBoltModelForForecasting`` (chronos-forecasting), or classic Chronos: a
 ``ChronosModel`` wrapping a ``T5ForConditionalGeneration``, or that T5 alone with ``chronos_config``
 in its config (as a Chronos checkpoint loads); hands on its sites (every q, k, v, o of SelfAttention and
@@ -38,25 +39,16 @@ from transformers.models.t5.modeling_t5 import (
 )
 
 from . import register
-from ._common import (
-    PlanBuilder,
-    apply_linears,
-    attention_sites,
-    ffn_sites,
-    plan_attention,
-    plan_ffn,
-    refuse_repacked,
-    resolve_block,
-    trained_part,
-)
-from .base import Adapter, Plan, Site
+from ._common import median_index, trained_part
+from .attention import split_heads, zero_scores
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter, SharedHeadTable
 
 
 class PrunedT5Attention(T5Attention):
     """T5Attention with per-layer head count, separate q/k and v/o head dims and its own slice of
     the stack's shared relative position bias. Attributes set by the adapter's apply_plan:
     ``n_heads``, ``key_value_proj_dim`` (q/k head dim), ``v_head_dim``, ``inner_dim`` and the
-    buffer ``bias_heads`` (None for cross-attention, which has a zero bias in T5)."""
+    buffer ``bias_heads`` (absent for cross-attention, which has a zero bias in T5)."""
 
     def forward(
         self,
@@ -75,7 +67,7 @@ class PrunedT5Attention(T5Attention):
         past_seen = past_seen.clone() if isinstance(past_seen, torch.Tensor) else past_seen
         is_cross = key_value_states is not None
 
-        query = self.q(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
+        query = split_heads(self.q(hidden_states), n_heads, d_qk)
 
         is_updated = False
         if isinstance(cache, EncoderDecoderCache):
@@ -88,9 +80,8 @@ class PrunedT5Attention(T5Attention):
             key = curr_cache.layers[self.layer_idx].keys
             value = curr_cache.layers[self.layer_idx].values
         else:
-            lead = current.shape[:-1]
-            key = self.k(current).view(*lead, n_heads, d_qk).transpose(1, 2)
-            value = self.v(current).view(*lead, n_heads, d_v).transpose(1, 2)
+            key = split_heads(self.k(current), n_heads, d_qk)
+            value = split_heads(self.v(current), n_heads, d_v)
             if cache is not None:
                 key, value = curr_cache.update(key, value, self.layer_idx, kwargs=kwargs)
                 if is_cross and isinstance(cache, EncoderDecoderCache):
@@ -100,10 +91,11 @@ class PrunedT5Attention(T5Attention):
         # The stack passes one bias between its layers (computed by block 0 over the table's
         # columns); each layer takes its own heads from it.
         shared = position_bias
-        if self.bias_heads is not None and (shared is not None or self.has_relative_attention_bias):
+        bias_heads = getattr(self, "bias_heads", None)  # set by the SharedHeadTable hook
+        if bias_heads is not None and (shared is not None or self.has_relative_attention_bias):
             if shared is None:
                 shared = self.compute_bias(q_len, k_len, device=query.device, past_seen_tokens=past_seen)
-            bias = shared.index_select(1, self.bias_heads.to(shared.device))
+            bias = shared.index_select(1, bias_heads.to(shared.device))
         else:
             bias = torch.zeros((1, n_heads, q_len, k_len), device=query.device, dtype=query.dtype)
 
@@ -112,8 +104,7 @@ class PrunedT5Attention(T5Attention):
             weights = None
         else:
             if d_qk == 0:  # no q/k dim left: q.k == 0, scores are the bias alone
-                query = query.new_zeros((*query.shape[:-1], 1))
-                key = key.new_zeros((*key.shape[:-1], 1))
+                query, key = zero_scores(query, key)
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
@@ -132,8 +123,13 @@ class PrunedT5Attention(T5Attention):
         return self.o(out), shared, weights
 
 
-class T5Adapter(Adapter):
-    """Sites / plan / restructuring of every T5Stack in a model (encoder and decoder)."""
+_T5_SIZES = (("n_heads", "heads"), ("key_value_proj_dim", "qk_dim"), ("v_head_dim", "v_dim"), ("inner_dim", "qk_inner"))
+
+
+class T5Adapter(LayoutAdapter):
+    """The layout of every T5Stack in a model (encoder and decoder): per block, self-attention
+    (and in the decoder cross-attention), then the DenseReluDense FFN; the stack's relative-position
+    table (block 0) is a SharedHeadTable of its self-attentions."""
 
     family = "t5"
 
@@ -141,121 +137,36 @@ class T5Adapter(Adapter):
     def matches(cls, model: nn.Module) -> bool:
         return False  # only the Chronos subclasses below are registered
 
-    # -- structure ------------------------------------------------------------------------------
     @staticmethod
     def _stacks(model: nn.Module) -> list[tuple[str, T5Stack]]:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, T5Stack)]
 
-    def _layout(self, model: nn.Module):
-        """[(stack_path, label, [(block_idx, [(kind, attn_path)], ffn_path, up_names)])]"""
-        out = []
+    def layout(self, model: nn.Module) -> Layout:
+        blocks: list[Block] = []
         for sp, stack in self._stacks(model):
             label = sp.rsplit(".", 1)[-1]
-            blocks = []
+            first = len(blocks)
             for i, blk in enumerate(stack.block):
                 base = f"{sp}.block.{i}.layer"
-                attns = [("self_attn", f"{base}.0.SelfAttention")]
+                attns = [(f"{base}.0.SelfAttention", "self_attn")]
                 if blk.is_decoder:
-                    attns.append(("cross_attn", f"{base}.1.EncDecAttention"))
-                ffn_path = f"{base}.{len(blk.layer) - 1}.DenseReluDense"
-                ffn = model.get_submodule(ffn_path)
-                ups = ["wi_0", "wi_1"] if isinstance(ffn, T5DenseGatedActDense) else ["wi"]
-                blocks.append((i, attns, ffn_path, ups))
-            out.append((sp, label, blocks))
-        return out
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        refuse_repacked(model, (PrunedT5Attention,))
-        sites: list[Site] = []
-        rb = resolve_block(self.block, "residual", resolve_block(self.block, "ffn"))
-        for _sp, label, blocks in self._layout(model):
-            for i, attns, ffn_path, ups in blocks:
-                layer = f"{label}.{i}"
-                for kind, ap in attns:
-                    att = model.get_submodule(ap)
-                    sites += attention_sites(
-                        model, {n: f"{ap}.{n}" for n in "qkvo"}, att.n_heads, att.key_value_proj_dim,
-                        heads=self.heads, residual_block=rb, layer=layer, kind=kind,
-                    )
-                sites += ffn_sites(
-                    model, {f"ffn.{n}": f"{ffn_path}.{n}" for n in ups}, ("ffn.wo", f"{ffn_path}.wo"),
-                    block=self.block, residual_block=rb, layer=layer,
-                )
-        return sites
-
-    # -- plan -----------------------------------------------------------------------------------
-    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> Plan:
-        by_path = {s.path: s for s in self.sites(model)}
-        plan = Plan(family=self.family, extra={"heads": {}, "bias_heads": {}, "ffn": {}, "bias_tables": {}})
-        pb = PlanBuilder(plan)
-        for sp, _label, blocks in self._layout(model):
-            self_heads: dict[str, list[int]] = {}
-            for _i, attns, ffn_path, ups in blocks:
-                for kind, ap in attns:
-                    att = model.get_submodule(ap)
-                    proj = {n: f"{ap}.{n}" for n in "qkvo"}
-                    hp = plan_attention(model, pb, by_path, masks, proj, att.n_heads, att.key_value_proj_dim)
-                    plan.attrs[ap] = {
-                        "n_heads": len(hp.heads),
-                        "key_value_proj_dim": hp.qk_dim,
-                        "v_head_dim": hp.v_dim,
-                        "inner_dim": len(hp.heads) * hp.qk_dim,
-                    }
-                    plan.extra["heads"][ap] = hp.heads
-                    if kind == "self_attn":
-                        self_heads[ap] = hp.heads
-                ffn = model.get_submodule(ffn_path)
-                if len(ups) == 1:  # wo(act(wi x))
-                    keep = plan_ffn(model, pb, by_path, masks, act=ffn.act, up=f"{ffn_path}.wi", down=f"{ffn_path}.wo")
-                else:  # wo(act(wi_0 x) * wi_1 x)
-                    keep = plan_ffn(
-                        model, pb, by_path, masks, act=ffn.act, up=f"{ffn_path}.wi_1",
-                        down=f"{ffn_path}.wo", gate=f"{ffn_path}.wi_0",
-                    )
-                plan.extra["ffn"][ffn_path] = len(keep)
-            # the stack's relative-position table (block 0) keeps the union of the kept heads
-            table_mod = f"{sp}.block.0.layer.0.SelfAttention"
-            att0 = model.get_submodule(table_mod)
-            if getattr(att0, "has_relative_attention_bias", False):
-                table = att0.relative_attention_bias
-                union = sorted(set().union(*self_heads.values())) if self_heads else []
-                cols = None if union == list(range(table.weight.shape[1])) else union
-                key = f"{table_mod}.relative_attention_bias.weight"
-                pb.param(key, [table.weight.shape[0], len(union)], None, cols)
-                plan.extra["bias_tables"][table_mod] = union
-                pos = {h: j for j, h in enumerate(union)}
-                for ap, heads in self_heads.items():
-                    plan.extra["bias_heads"][ap] = [pos[h] for h in heads]
-        return plan
-
-    # -- restructure ----------------------------------------------------------------------------
-    def apply_plan(self, model: nn.Module, plan: Plan) -> None:
-        apply_linears(model, plan)
-        for ap, attrs in plan.attrs.items():
-            att = model.get_submodule(ap)
-            if not isinstance(att, PrunedT5Attention):
-                att.__class__ = PrunedT5Attention
-            for k, v in attrs.items():
-                setattr(att, k, int(v))
-            idx = plan.extra.get("bias_heads", {}).get(ap)
-            dev = next((p.device for p in att.parameters()), torch.device("cpu"))
-            att.register_buffer(
-                "bias_heads",
-                None if idx is None else torch.tensor(idx, dtype=torch.long, device=dev),
-                persistent=False,
-            )
-        for key, shape in plan.params.items():
-            mod_path = key.rsplit(".", 1)[0]  # ...relative_attention_bias
-            old = model.get_submodule(mod_path)
-            w = old.weight
-            new = torch.nn.utils.skip_init(nn.Embedding, shape[0], shape[1], device=w.device, dtype=w.dtype)
-            parent, _, name = mod_path.rpartition(".")
-            setattr(model.get_submodule(parent), name, new)
-
-
-def _median_index(quantiles) -> int:
-    qs = [float(q) for q in quantiles]
-    return min(range(len(qs)), key=lambda i: abs(qs[i] - 0.5))
+                    attns.append((f"{base}.1.EncDecAttention", "cross_attn"))
+                fp = f"{base}.{len(blk.layer) - 1}.DenseReluDense"
+                ffn = model.get_submodule(fp)
+                if isinstance(ffn, T5DenseGatedActDense):  # wo(act(wi_0 x) * wi_1 x)
+                    f = FFN(fp, ("ffn.wi_1", f"{fp}.wi_1"), ("ffn.wo", f"{fp}.wo"), ffn.act, gate=("ffn.wi_0", f"{fp}.wi_0"))
+                else:  # wo(act(wi x))
+                    f = FFN(fp, ("ffn.wi", f"{fp}.wi"), ("ffn.wo", f"{fp}.wo"), ffn.act)
+                blocks.append(Block(f"{label}.{i}", tuple(
+                    Attention(ap, kind, model.get_submodule(ap).n_heads, model.get_submodule(ap).key_value_proj_dim,
+                              _T5_SIZES) for ap, kind in attns
+                ), (f,)))
+            owner = f"{sp}.block.0.layer.0.SelfAttention"
+            if len(blocks) > first and getattr(model.get_submodule(owner), "has_relative_attention_bias", False):
+                users = tuple(b.attentions[0].path for b in blocks[first:])
+                last = blocks[-1]
+                blocks[-1] = Block(last.layer, last.attentions, last.ffns, (SharedHeadTable(owner, users),))
+        return Layout(tuple(blocks), PrunedT5Attention, extra=("heads", "bias_heads", "ffn", "bias_tables"))
 
 
 @register
@@ -291,7 +202,7 @@ class ChronosBoltAdapter(T5Adapter):
     @torch.no_grad()
     def predict(self, model, context, horizon):
         p = self.prediction_length(model)
-        mi = _median_index(model.chronos_config.quantiles)
+        mi = median_index(model.chronos_config.quantiles)
         if horizon <= p:
             return model(context=context).quantile_preds[:, mi, :horizon]
         from chronos.chronos_bolt import ChronosBoltPipeline

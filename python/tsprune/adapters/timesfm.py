@@ -1,7 +1,8 @@
 """TimesFM family: transformers ``TimesFmModelForPrediction`` (TimesFM 1.0 / 2.0) and
 ``TimesFm2_5ModelForPrediction`` (TimesFM 2.5).
 
-Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model.
+Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructured model; this file
+holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives one of the two prediction models; hands on its sites (every decoder layer's self_attn
 q_proj, k_proj, v_proj, o_proj and its MLP: gate_proj -> relu -> down_proj in 1.0/2.0, fc1 -> act ->
 fc2 in 2.5), a plan from mask values and the in-place restructuring for repack and load. Input and
@@ -35,18 +36,9 @@ from transformers.models.timesfm.modeling_timesfm import (
 )
 
 from . import register
-from ._common import (
-    PlanBuilder,
-    apply_linears,
-    attention_sites,
-    ffn_sites,
-    plan_attention,
-    plan_ffn,
-    refuse_repacked,
-    resolve_block,
-    trained_part,
-)
-from .base import Adapter, Plan, Site
+from ._common import roll_out, trained_part
+from .attention import heads_attention
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter
 
 try:  # TimesFM 2.5 is in recent transformers only
     from transformers.models.timesfm2_5.modeling_timesfm2_5 import (
@@ -62,46 +54,28 @@ except ImportError:  # pragma: no cover
     TimesFm2_5ModelForPrediction = None
 
 
-def _zero_scores(query, key):
-    """No q/k dim left: q.k == 0 for every pair (the masked model's scores)."""
-    return query.new_zeros((*query.shape[:-1], 1)), key.new_zeros((*key.shape[:-1], 1))
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _interface(att, eager):
+    return ALL_ATTENTION_FUNCTIONS.get_interface(att.config._attn_implementation, eager)
 
 
 class PrunedTimesFmAttention(TimesFmAttention):
     """TimesFmAttention with per-layer ``num_heads``, q/k ``head_dim``, v/o ``v_head_dim`` and a
     per-head per-dim ``scaling`` [num_heads * head_dim]; ``orig_head_dim`` sizes the constant."""
 
-    def _scale_query(self, query: torch.Tensor) -> torch.Tensor:
+    def _scale_query(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = F.softplus(self.scaling).mul(1.442695041 / math.sqrt(self.orig_head_dim))
-        return query * scale.view(1, self.num_heads, 1, self.head_dim)
+        return query * scale.view(1, self.num_heads, 1, self.head_dim), key
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        n_heads, d_qk, d_v = self.num_heads, self.head_dim, self.v_head_dim
-        query = self.q_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(*input_shape, n_heads, d_v).transpose(1, 2)
-        if n_heads == 0:
-            return self.o_proj(hidden_states.new_zeros((*input_shape, 0))), None
-        if d_qk == 0:
-            query, key = _zero_scores(query, key)
-        else:
-            query = self._scale_query(query)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, simple_eager_attention_forward
+        return heads_attention(
+            self, hidden_states, None, attention_mask, proj=_PROJ,
+            dims=(self.num_heads, self.head_dim, self.v_head_dim),
+            attention=_interface(self, simple_eager_attention_forward), scaling=1.0,
+            dropout=self.attention_dropout if self.training else 0.0, prepare=self._scale_query, **kwargs,
         )
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=1.0,
-            **kwargs,
-        )
-        out = out.reshape(*input_shape, n_heads * d_v).contiguous()
-        return self.o_proj(out), weights
 
 
 if TimesFm2_5ModelForPrediction is not None:
@@ -113,43 +87,29 @@ if TimesFm2_5ModelForPrediction is not None:
         def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
             if cache is None:
                 cache = kwargs.pop("past_key_values", None)
-            input_shape = hidden_states.shape[:-1]
-            n_heads, d_qk, d_v = self.num_heads, self.head_dim, self.v_head_dim
-            query = self.q_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-            key = self.k_proj(hidden_states).view(*input_shape, n_heads, d_qk).transpose(1, 2)
-            value = self.v_proj(hidden_states).view(*input_shape, n_heads, d_v).transpose(1, 2)
-            if n_heads == 0:
-                return self.o_proj(hidden_states.new_zeros((*input_shape, 0))), None
-            cos, sin = position_embeddings
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            query = self.q_norm(query)
-            key = self.k_norm(key)
-            scale = F.softplus(self.scaling).mul(1.442695041 / math.sqrt(self.head_dim))
-            query = query * scale[None, None, None, :]
-            if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_2_5)
-            out, weights = attention(
-                self,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=self.attention_dropout if self.training else 0.0,
-                scaling=1.0,
-                **kwargs,
+
+            def prepare(query, key):  # as TimesFM 2.5: RoPE, q/k RMS norm, per-dim query scaling
+                query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+                scale = F.softplus(self.scaling).mul(1.442695041 / math.sqrt(self.head_dim))
+                return self.q_norm(query) * scale[None, None, None, :], self.k_norm(key)
+
+            return heads_attention(
+                self, hidden_states, None, attention_mask, proj=_PROJ,
+                dims=(self.num_heads, self.head_dim, self.v_head_dim), attention=_interface(self, _eager_2_5),
+                scaling=1.0, dropout=self.attention_dropout if self.training else 0.0, prepare=prepare,
+                cache=cache, **kwargs,
             )
-            out = out.reshape(*input_shape, n_heads * d_v).contiguous()
-            return self.o_proj(out), weights
 
 
-class _TimesFmBase(Adapter):
-    """Shared sites / plan of both TimesFM generations; subclasses name the modules."""
+class _TimesFmBase(LayoutAdapter):
+    """Layout of both TimesFM generations: per decoder layer, self_attn then the MLP."""
 
     layer_cls: type = nn.Module
     pruned_cls: type = nn.Module
-    up, down = "mlp.gate_proj", "mlp.down_proj"
+    up, down = "gate_proj", "down_proj"  # MLP Linears (``mlp.<name>``)
+    sizes: tuple[tuple[str, str], ...] = ()
     qk_full = False
+    head_params: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, *, block=1, heads: bool = False, freq: int = 0):
         """freq: TimesFM frequency id of the series (0 high, 1 medium, 2 low); 1.0/2.0 only."""
@@ -161,78 +121,22 @@ class _TimesFmBase(Adapter):
         """Steps one forward pass forecasts (``horizon_length``; the longest target the loss trains on)."""
         return int(model.config.horizon_length)
 
-    def _layers(self, model) -> list[str]:
-        return [n for n, m in model.named_modules() if isinstance(m, self.layer_cls)]
-
-    @staticmethod
-    def _proj(lp: str) -> dict[str, str]:
-        ap = f"{lp}.self_attn"
-        return {"q": f"{ap}.q_proj", "k": f"{ap}.k_proj", "v": f"{ap}.v_proj", "o": f"{ap}.o_proj"}
-
-    @staticmethod
-    def _heads(att) -> tuple[int, int]:
-        return att.q_proj.out_features // att.head_dim, att.head_dim
-
     def _act(self, mlp):
         return F.relu
 
-    def _kinds(self) -> tuple[str, str]:
-        return f"ffn.{self.up.split('.')[-1]}", f"ffn.{self.down.split('.')[-1]}"
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        refuse_repacked(model, (self.pruned_cls,))
-        rb = resolve_block(self.block, "residual", resolve_block(self.block, "ffn"))
-        ku, kd = self._kinds()
-        sites: list[Site] = []
-        for i, lp in enumerate(self._layers(model)):
-            att = model.get_submodule(f"{lp}.self_attn")
-            n_heads, head_dim = self._heads(att)
-            layer = f"decoder.{i}"
-            sites += attention_sites(
-                model, self._proj(lp), n_heads, head_dim,
-                heads=self.heads, residual_block=rb, layer=layer, kind="self_attn",
-            )
-            sites += ffn_sites(
-                model, {ku: f"{lp}.{self.up}"}, (kd, f"{lp}.{self.down}"),
-                block=self.block, residual_block=rb, layer=layer,
-            )
-        return sites
-
-    def plan(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> Plan:
-        by_path = {s.path: s for s in self.sites(model)}
-        plan = Plan(family=self.family, extra={"heads": {}, "ffn": {}})
-        pb = PlanBuilder(plan)
-        for lp in self._layers(model):
-            ap = f"{lp}.self_attn"
+    def layout(self, model: nn.Module) -> Layout:
+        blocks = []
+        layers = [n for n, m in model.named_modules() if isinstance(m, self.layer_cls)]
+        for i, lp in enumerate(layers):
+            ap, mp = f"{lp}.self_attn", f"{lp}.mlp"
             att = model.get_submodule(ap)
-            n_heads, head_dim = self._heads(att)
-            hp = plan_attention(model, pb, by_path, masks, self._proj(lp), n_heads, head_dim, qk_full=self.qk_full)
-            self._plan_attention_extras(plan, pb, ap, att, hp)
-            plan.extra["heads"][ap] = hp.heads
-            mlp = model.get_submodule(f"{lp}.{self.up.rsplit('.', 1)[0]}")
-            keep = plan_ffn(
-                model, pb, by_path, masks, act=self._act(mlp), up=f"{lp}.{self.up}", down=f"{lp}.{self.down}"
-            )
-            plan.extra["ffn"][f"{lp}.{self.up.rsplit('.', 1)[0]}"] = len(keep)
-        return plan
-
-    def _plan_attention_extras(self, plan, pb, ap, att, hp) -> None:
-        raise NotImplementedError
-
-    def apply_plan(self, model: nn.Module, plan: Plan) -> None:
-        apply_linears(model, plan)
-        for ap, attrs in plan.attrs.items():
-            att = model.get_submodule(ap)
-            if not isinstance(att, self.pruned_cls):
-                att.__class__ = self.pruned_cls
-            for k, v in attrs.items():
-                setattr(att, k, int(v))
-        for key, shape in plan.params.items():
-            path, _, name = key.rpartition(".")
-            mod = model.get_submodule(path)
-            old = getattr(mod, name)
-            setattr(mod, name, nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device),
-                                            requires_grad=old.requires_grad))
+            attn = Attention(ap, "self_attn", att.q_proj.out_features // att.head_dim, att.head_dim, self.sizes,
+                             proj=_PROJ, qk_full=self.qk_full,
+                             head_params=self.head_params)
+            ffn = FFN(mp, (f"ffn.{self.up}", f"{mp}.{self.up}"), (f"ffn.{self.down}", f"{mp}.{self.down}"),
+                      self._act(model.get_submodule(mp)))
+            blocks.append(Block(f"decoder.{i}", (attn,), (ffn,)))
+        return Layout(tuple(blocks), self.pruned_cls)
 
 
 @register
@@ -255,19 +159,11 @@ class TimesFmAdapter(_TimesFmBase):
     def matches(cls, model: nn.Module) -> bool:
         return isinstance(model, TimesFmModelForPrediction)
 
-    def _plan_attention_extras(self, plan, pb, ap, att, hp) -> None:
-        orig = getattr(att, "orig_head_dim", att.head_dim)
-        plan.attrs[ap] = {
-            "num_heads": len(hp.heads),
-            "head_dim": hp.qk_dim,
-            "v_head_dim": hp.v_dim,
-            "orig_head_dim": orig,
-            "q_size": len(hp.heads) * hp.qk_dim,
-            "kv_size": len(hp.heads) * hp.qk_dim,
-        }
-        # per-head per-dim query scaling, gathered from the shared [head_dim] vector
-        rows = [d for dims in hp.qk_dims for d in dims]
-        pb.param(f"{ap}.scaling", [len(rows)], rows, None)
+    # the per-dim query scaling [head_dim] becomes per head [num_heads * head_dim'] (head_params);
+    # the constant 1/sqrt(head_dim) keeps the original head dim (orig_head_dim)
+    sizes = (("num_heads", "heads"), ("head_dim", "qk_dim"), ("v_head_dim", "v_dim"),
+             ("orig_head_dim", "orig_qk_dim"), ("q_size", "qk_inner"), ("kv_size", "qk_inner"))
+    head_params = ("scaling",)
 
     def _forward(self, model, context, future=None):
         freq = [self.freq] * context.shape[0]
@@ -286,13 +182,7 @@ class TimesFmAdapter(_TimesFmBase):
 
     @torch.no_grad()
     def predict(self, model, context, horizon):
-        outs, ctx, left = [], context, horizon
-        while left > 0:
-            y = self._forward(model, ctx).mean_predictions
-            outs.append(y[:, :left])
-            left -= y.shape[-1]
-            ctx = torch.cat([ctx, y.to(ctx.dtype)], dim=-1)
-        return torch.cat(outs, dim=-1)
+        return roll_out(lambda ctx: self._forward(model, ctx).mean_predictions, context, horizon)
 
 
 if TimesFm2_5ModelForPrediction is not None:
@@ -310,7 +200,8 @@ if TimesFm2_5ModelForPrediction is not None:
         family = "timesfm2.5"
         layer_cls = TimesFm2_5DecoderLayer
         pruned_cls = PrunedTimesFm2_5Attention
-        up, down = "mlp.fc1", "mlp.fc2"
+        up, down = "fc1", "fc2"
+        sizes = (("num_heads", "heads"), ("head_dim", "qk_dim"), ("v_head_dim", "v_dim"))
         qk_full = True
 
         @classmethod
@@ -329,19 +220,10 @@ if TimesFm2_5ModelForPrediction is not None:
         def _act(self, mlp):
             return mlp.activation_fn
 
-        def _plan_attention_extras(self, plan, pb, ap, att, hp) -> None:
-            plan.attrs[ap] = {"num_heads": len(hp.heads), "head_dim": hp.qk_dim or att.head_dim, "v_head_dim": hp.v_dim}
-
         def loss(self, model, context, target):
             target = trained_part(target, self.prediction_length(model))
             return model(past_values=context, future_values=target).loss
 
         @torch.no_grad()
         def predict(self, model, context, horizon):
-            outs, ctx, left = [], context, horizon
-            while left > 0:
-                y = model(past_values=ctx).mean_predictions
-                outs.append(y[:, :left])
-                left -= y.shape[-1]
-                ctx = torch.cat([ctx, y.to(ctx.dtype)], dim=-1)
-            return torch.cat(outs, dim=-1)
+            return roll_out(lambda ctx: model(past_values=ctx).mean_predictions, context, horizon)
