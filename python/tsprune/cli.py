@@ -7,7 +7,7 @@
     tsprune evaluate --model runs/f/model --data ETTh1
     torchrun --nproc_per_node=2 -m tsprune prune --data ETTh1 --out runs/p   # data-parallel calibration
 
-Stage of the flow: glue only. Reads a model (models.py) and a task (data.py), drives the Pruner and
+Stage of the flow: glue only. Reads a model (models.py) and a task (data/), drives the Pruner and
 the loops (train.py), scores the baselines (baselines.py), writes results (JSON + markdown table +
 sparsity heatmap) atomically. Every bad option is refused at parse time, every file problem ends
 as one line ``tsprune CMD: error: ...`` with exit status 2.

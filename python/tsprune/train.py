@@ -1,6 +1,6 @@
 """Training-side loops: calibration with masks (stage 1), fine-tuning (stage 2), evaluation.
 
-Stage of the flow: receives a model + its adapter + a ForecastTask (data.py); calibration drives
+Stage of the flow: receives a model + its adapter + a ForecastTask (tsprune.data); calibration drives
 the Pruner (masks live in its arena), fine-tuning trains every remaining weight, evaluation
 reports MSE / MAE on scaled values. Nothing here knows a model family or a kernel.
 """
