@@ -32,7 +32,6 @@ _ETT_BASE = "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-smal
 #: distributed through archives / drives and must be placed by hand.
 KNOWN_URLS: dict[str, str] = {n: f"{_ETT_BASE}{n}.csv" for n in ("ETTh1", "ETTh2", "ETTm1", "ETTm2")}
 
-# Rows of one ETT "month" in the standard protocol (30 days).
 
 # --------------------------------------------------------------------------------------------------
 # Finding a file

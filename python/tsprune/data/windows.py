@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 __all__ = ["WindowDataset", "batch_indices"]
 
+
 def batch_indices(
     n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False
 ) -> Iterator[np.ndarray]:
