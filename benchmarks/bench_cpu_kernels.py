@@ -3,12 +3,15 @@
 1. One calibration step of a masked Linear at the Chronos-Bolt-small FFN shape (8192 tokens,
    512 -> 2048, fp32): forward + backward to x and both masks, frozen weight. Cases: the same
    step without masks; plain PyTorch autograd masks (F.linear(x*m_in, W, b)*m_out with mask
-   parameters, SPEC.md); tsprune masked_linear on the C++ backend and on the torch backend.
+   parameters, the paper's formulation); tsprune masked_linear on the C++ backend and on the torch backend.
    Masks all ones (the first macro step) and 0/1 with half the units pruned (mid-calibration).
 2. Repack of a Chronos-Bolt-small-like set of weights (12 layers of q,k,v,o 512x512, wi 2048x512,
-   wo 512x2048, half the rows and half the columns kept) vs a per-tensor index_select loop.
+   wo 512x2048, half the rows and half the columns kept) vs a per-tensor index_select loop;
+   ``--repack-large`` adds 24 tensors of 2048x512 (half the rows and columns kept).
+3. Global k-th smallest |value| over 4 tensors (4M, 1M, 30K, 512 fp32 values, k = n/10) vs
+   torch.cat + abs + kthvalue.
 
-    python benchmarks/bench_cpu_kernels.py [--tokens 8192] [--reps 7]
+    python benchmarks/bench_cpu_kernels.py [--tokens 8192] [--reps 7] [--repack-large]
 """
 from __future__ import annotations
 
@@ -61,9 +64,9 @@ def masked_step_cases(T, k, n, zero_frac):
     return cases
 
 
-def repack_cases(layers=12, d=512, ff=2048):
+def repack_cases(layers=12, d=512, ff=2048, shapes=None):
     g = torch.Generator().manual_seed(0)
-    shapes = [(d, d)] * 4 + [(ff, d), (d, ff)]
+    shapes = shapes or [(d, d)] * 4 + [(ff, d), (d, ff)]
     ts = [torch.randn(s, generator=g) for _ in range(layers) for s in shapes]
     keep = lambda m: torch.randperm(m, generator=g)[: m // 2].sort().values  # noqa: E731
     rows = [keep(t.shape[0]) for t in ts]
@@ -85,10 +88,33 @@ def repack_cases(layers=12, d=512, ff=2048):
     return cases, mb
 
 
+def select_cases(sizes=(4_000_000, 1_000_000, 30_000, 512)):
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(n, generator=g) for n in sizes]
+    k = sum(sizes) // 10
+
+    def cat_kthvalue():
+        return torch.cat([t.abs() for t in ts]).kthvalue(k).values
+
+    def ours(backend):
+        def f():
+            os.environ["TSPRUNE_KERNELS_BACKEND"] = backend
+            return K.global_kth_smallest(ts, k)
+        return f
+
+    cases = {"cat_abs_kthvalue": cat_kthvalue, "tsprune_torch": ours("torch")}
+    if _backend.cpp_available():
+        cases["tsprune_cpp"] = ours("cpp")
+    want = cat_kthvalue()  # no exact zeros in randn: ignore_zeros changes nothing
+    assert all(torch.equal(f(), want) for f in cases.values())
+    return cases
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--repack-large", action="store_true", help="also repack 24 tensors of 2048x512")
     a = p.parse_args(argv)
     # which build is measured (a worktree needs PYTHONPATH=<worktree>:<worktree>/python)
     print("tsprune_kernels:", K.__file__, "| _C:", getattr(_backend._C, "__file__", None))
@@ -113,6 +139,22 @@ def main(argv=None):
     print("repack, 72 tensors (12 layers of Chronos-Bolt-small shapes), half rows x half cols:")
     for k, v in r.items():
         print(f"  {k:18s} {v['median_ms']:8.2f} ms  loop / this = {v['loop_over_this']:.2f}")
+    if a.repack_large:
+        cases, mb = repack_cases(layers=24, shapes=[(2048, 512)])
+        r = bench(cases, reps=a.reps)
+        for k, v in r.items():
+            v["loop_over_this"] = r["index_select_loop"]["median_ms"] / v["median_ms"]
+        out["repack_large"] = r
+        print("repack, 24 tensors of 2048x512, half rows x half cols:")
+        for k, v in r.items():
+            print(f"  {k:18s} {v['median_ms']:8.2f} ms  loop / this = {v['loop_over_this']:.2f}")
+    r = bench(select_cases(), reps=a.reps)
+    for k, v in r.items():
+        v["cat_over_this"] = r["cat_abs_kthvalue"]["median_ms"] / v["median_ms"]
+    out["select"] = r
+    print("global k-th smallest |value|, 5.03M fp32 values in 4 tensors, k = n/10:")
+    for k, v in r.items():
+        print(f"  {k:18s} {v['median_ms']:8.2f} ms  cat / this = {v['cat_over_this']:.2f}")
     os.environ.pop("TSPRUNE_KERNELS_BACKEND", None)
     print("wrote", write("cpu_kernels", out))
 

@@ -140,7 +140,7 @@ def worker_step(cfg: dict) -> dict:
     import tsprune
     from tsprune import distributed as D
     from tsprune.pretrain import build_model
-    from tsprune.synthetic import synthetic_task
+    from tsprune.data import synthetic_task
     from tsprune.train import batch_indices
 
     _init()

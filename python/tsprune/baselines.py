@@ -1,6 +1,6 @@
 """Reference forecasters scored on exactly the run's test windows: seasonal naive and a linear map.
 
-Stage of the flow: ForecastTask (data.py) -> **baselines** -> rows of the results table (cli.py).
+Stage of the flow: ForecastTask (tsprune.data) -> **baselines** -> rows of the results table (cli.py).
 
 * ``seasonal_naive``: the last full season of the context repeated over the horizon,
   ``forecast[t] = context[L - P + (t mod P)]``; the period ``P`` comes from the data frequency

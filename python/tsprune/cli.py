@@ -7,7 +7,7 @@
     tsprune evaluate --model runs/f/model --data ETTh1
     torchrun --nproc_per_node=2 -m tsprune prune --data ETTh1 --out runs/p   # data-parallel calibration
 
-Stage of the flow: glue only. Reads a model (models.py) and a task (data.py), drives the Pruner and
+Stage of the flow: glue only. Reads a model (models.py) and a task (data/), drives the Pruner and
 the loops (train.py), scores the baselines (baselines.py), writes results (JSON + markdown table +
 sparsity heatmap) atomically. Every bad option is refused at parse time, every file problem ends
 as one line ``tsprune CMD: error: ...`` with exit status 2.
@@ -300,7 +300,7 @@ def cmd_run(a) -> dict:
     from . import distributed as D
     from .adapters import get_adapter
     from .baselines import run_baselines
-    from .plan import save_pruned
+    from .checkpoint import save_pruned
     from .plots import results_table
 
     if D.is_dist() and (a.search or a.seeds > 1):
@@ -459,7 +459,7 @@ def cmd_prune(a) -> dict:
     """calibrate masks on a task, repack to a smaller model, save it."""
     from . import distributed as D
     from .models import n_params
-    from .plan import save_pruned
+    from .checkpoint import save_pruned
 
     out = pathlib.Path(a.out)
     if D.is_main():
@@ -482,7 +482,7 @@ def cmd_prune(a) -> dict:
 def cmd_finetune(a) -> dict:
     """fine-tune a model (e.g. a pruned one) on a task, keep the best on validation, save it."""
     from .adapters import get_adapter
-    from .plan import save_pruned
+    from .checkpoint import save_pruned
 
     out = pathlib.Path(a.out)
     check_out_dir(a.out)

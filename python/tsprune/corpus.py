@@ -11,7 +11,7 @@ pipeline). Three sources, mixed per sample by :class:`Corpus`:
 * ``procedural``: cheap structured series: trends, one to three seasonalities (additive or
   multiplicative), regime changes between AR processes, level shifts and spikes, intermittent
   (sparse, non-negative) demand, random walks, heteroscedastic noise, and random frequencies (a
-  series generated at a fine step and aggregated by a random factor). Built on tsprune.synthetic.
+  series generated at a fine step and aggregated by a random factor). Built on tsprune.data.synthetic.
 * ``real_mix``: TSMixup-style convex mixtures (Dirichlet weights) of 1-3 crops of real series, each
   crop scaled by its mean absolute value, optionally aggregated in time. Only TRAIN splits of the
   files given (see :func:`real_train_series`); the pre-training script passes ETTh2, exchange_rate
@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from .synthetic import SEASONAL_PERIODS, _ar1, _one_series
+from .data.synthetic import SEASONAL_PERIODS, _ar1, _one_series
 
 __all__ = ["kernel_synth", "procedural", "real_mix", "real_train_series", "Corpus", "normalised_peak"]
 
@@ -121,7 +121,7 @@ def procedural(rng: np.random.Generator, length: int) -> np.ndarray:
     factor = int(rng.choice([1, 1, 1, 2, 3, 4, 6, 12, 24])) if length * 24 <= 200_000 else 1
     n = length * factor
     kind = rng.random()
-    if kind < 0.45:  # trend + seasonalities + shifts + noise (tsprune.synthetic)
+    if kind < 0.45:  # trend + seasonalities + shifts + noise (tsprune.data.synthetic)
         x = _one_series(rng, n)
         if rng.random() < 0.3:  # multiplicative seasonality: amplitude follows the level
             t = np.arange(n)

@@ -70,7 +70,7 @@ def load_model(spec: str = "default", *, trust_remote_code: bool = False) -> nn.
     A spec that is not an existing path and not of the form ``org/name`` raises FileNotFoundError
     ("no such model directory") without contacting the hub. Only the supported architectures load;
     ``trust_remote_code`` is never enabled unless passed as True."""
-    from .plan import load_pruned
+    from .checkpoint import load_pruned
 
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"load_model: model must be a non-empty string, got {spec!r}")

@@ -227,7 +227,7 @@ def info_from(state, steps, batch, lr, warmup, seed, amp, real_desc) -> dict:
 
 def export(ckpt: pathlib.Path, out: pathlib.Path, storage: str = "bfloat16") -> None:
     """Write the checkpoint's model with tsprune.save_pruned (weights stored in ``storage``)."""
-    from .plan import save_pruned
+    from .checkpoint import save_pruned
 
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     c = saved["config"]

@@ -1,6 +1,6 @@
 """Training-side loops: calibration with masks (stage 1), fine-tuning (stage 2), evaluation.
 
-Stage of the flow: receives a model + its adapter + a ForecastTask (data.py); calibration drives
+Stage of the flow: receives a model + its adapter + a ForecastTask (tsprune.data); calibration drives
 the Pruner (masks live in its arena), fine-tuning trains every remaining weight, evaluation
 reports MSE / MAE on scaled values. Nothing here knows a model family or a kernel.
 """
@@ -22,7 +22,7 @@ from torch import nn
 
 from . import distributed as D
 from .adapters.base import Adapter
-from .data import MetricAccumulator, WindowDataset
+from .data import MetricAccumulator, WindowDataset, batch_indices
 from .pruner import Pruner
 
 
@@ -38,22 +38,6 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def batch_indices(n: int, batch_size: int, shuffle: bool, seed: int = 0):
-    """The window indices of every micro-batch over ``n`` windows (the global order: data-parallel
-    ranks each take their shard of every one of these, see tsprune.distributed.shard)."""
-    idx = np.arange(n)
-    if shuffle:
-        np.random.default_rng(seed).shuffle(idx)
-    for i in range(0, len(idx), batch_size):
-        yield idx[i : i + batch_size]
-
-
-def batches(ds: WindowDataset, batch_size: int, shuffle: bool, seed: int = 0):
-    """(context [B, L], target [B, H]) float32 tensors over ``ds``."""
-    for idx in batch_indices(len(ds), batch_size, shuffle, seed):
-        yield ds.batch(idx)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -130,7 +114,7 @@ def mean_loss(model: nn.Module, adapter: Adapter, ds: WindowDataset, batch_size:
                 adapter.loss(model, ctx.to(dev), tgt.to(dev))
         tot, n = D.sum_across_ranks(tot, n, what="reduce of the validation loss")
         return tot / max(n, 1)
-    for ctx, tgt in batches(ds, batch_size, shuffle=False):
+    for ctx, tgt in ds.iter_batches(batch_size):
         with autocast(amp, dev):
             tot += float(adapter.loss(model, ctx.to(dev), tgt.to(dev))) * len(ctx)
         n += len(ctx)
@@ -155,7 +139,7 @@ def evaluate(model: nn.Module, adapter: Adapter, ds: WindowDataset, batch_size: 
         with autocast(amp, dev):
             adapter.predict(model, ctx.to(dev), tgt.shape[-1])
     t0 = time.perf_counter()
-    for ctx, tgt in _progress(batches(ds, batch_size, False), n_batches(ds, batch_size), "evaluate", progress):
+    for ctx, tgt in _progress(ds.iter_batches(batch_size), n_batches(ds, batch_size), "evaluate", progress):
         with autocast(amp, dev):
             pred = adapter.predict(model, ctx.to(dev), tgt.shape[-1])
         acc.update(pred.float(), tgt.to(pred.device))
@@ -609,7 +593,7 @@ def finetune(
         while step < total:
             ep += 1
             model.train()
-            it = batches(train, batch_size, shuffle=True, seed=seed + 1000 + ep)
+            it = train.iter_batches(batch_size, shuffle=True, seed=seed + 1000 + ep)
             for ctx, tgt in _progress(it, min(per_epoch, total - step), f"finetune {ep}", progress):
                 opt.zero_grad(set_to_none=True)
                 with autocast(amp, dev):
