@@ -612,8 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default $TSPRUNE_DIST_TIMEOUT or 600)")
 
     def prune_args(sp):
+        from .criteria import criterion_names  # registered criteria, user ones included
+
         g = sp.add_argument_group("pruning (stage 1: calibration with masks)")
-        g.add_argument("--criterion", default="taylor", choices=["taylor", "taylor2", "fisher", "magnitude", "wanda"],
+        g.add_argument("--criterion", default="taylor", choices=criterion_names(),
                        help="importance score of a unit")
         g.add_argument("--ema", type=ratio, default=0.5, help="smoothing of the scores across macro steps, in [0, 1]")
         g.add_argument("--block", type=pos, default=1, help="channels per FFN unit")

@@ -3,11 +3,12 @@
 Stage of the flow: glue between the Pruner / calibrate loop and torch.distributed. Every rank holds
 the whole (frozen) model and the whole ScoreArena. For every global micro-batch (the same batches,
 in the same order, as one process would see) each rank runs forward / backward on its contiguous
-shard; masked_linear accumulates the mask gradients (and, for taylor2 / fisher, the per-sample
-squares) into the rank's own arena, with no communication. At a macro-batch boundary the Pruner
-calls :meth:`ArenaSync.reduce_`: ONE all-reduce of the flat accumulator (``arena.acc``: [U] for
-taylor, [2, U] for taylor2 / fisher; the flat Wanda activation statistics for wanda; nothing for
-magnitude). Scoring, EMA, threshold and pruning then run on every rank, and
+shard; the masked model accumulates the statistics the criterion reads (mask gradients, per-sample
+squares, input activation squares) into the rank's own arena, with no communication. At a
+macro-batch boundary the Pruner calls :meth:`ArenaSync.reduce_`: ONE all-reduce of the arena's
+sums over samples (``arena.sample_sums()``, one contiguous slice of its flat buffer: [U] for taylor,
+[2U] for taylor2, [C] activation squares for wanda; none for magnitude, whose weight norms are the
+same on every rank). Scoring, EMA, threshold and pruning then run on every rank, and
 :meth:`ArenaSync.sync_state_` broadcasts rank 0's ``[mask; imp]`` (one more flat tensor) so the
 ranks can never drift apart, even by one fp rounding.
 
@@ -326,9 +327,10 @@ def check_consistent(values: Mapping[str, float], what: str = "calibration setup
 
 # -- the score arena -------------------------------------------------------------------------------
 class ArenaSync:
-    """What a Pruner communicates under torch.distributed: ONE flat all-reduce of its accumulators
-    per macro-step (:meth:`reduce_`, before scoring) and one broadcast of rank 0's ``[mask; imp]``
-    after pruning (:meth:`sync_state_`). Counts calls, bytes and seconds in ``stats``."""
+    """What a ScoreArena communicates under torch.distributed: ONE flat all-reduce of its sums over
+    samples per macro-step (:meth:`reduce_`, before scoring) and one broadcast of rank 0's
+    ``[mask; imp]`` after pruning (:meth:`sync_state_`). Sees only the arena. Counts calls, bytes
+    and seconds in ``stats``."""
 
     def __init__(self, timeout_s: float | None = None):
         if not is_dist():
@@ -341,39 +343,16 @@ class ArenaSync:
                       "seconds": 0.0}
         self._state_buf: torch.Tensor | None = None
 
-    def _buffer(self, pruner) -> torch.Tensor | None:
-        """The flat tensor this criterion's scores need summed over ranks (None: nothing)."""
-        crit = pruner.criterion
-        if crit in ("taylor2", "fisher"):
-            return pruner.arena.acc  # [2, U], one contiguous tensor
-        if crit == "taylor":
-            return pruner.arena.acc[0]  # row 0: contiguous [U] view; row 1 stays unused
-        return None
-
-    def reduce_(self, pruner) -> None:
-        """Sum the macro-batch's statistics over ranks, in place: the arena accumulators (one
-        all-reduce), or Wanda's per-channel activation sums (one all-reduce of their
-        concatenation); magnitude needs nothing (weights are identical on every rank)."""
+    def reduce_(self, arena) -> None:
+        """Sum the macro-batch's statistics over ranks, in place: ``arena.sample_sums()`` (the
+        sums the arena's criterion reads, one contiguous tensor) in ONE all-reduce; nothing when
+        the criterion reads no sums (magnitude: weights are identical on every rank)."""
         t0 = time.perf_counter()
-        buf = self._buffer(pruner)
-        if buf is not None:
-            all_reduce_(buf, f"all_reduce of the score arena (macro-step {pruner.macro_steps + 1})", self.timeout_s)
-            n = buf.numel() * buf.element_size()
-        elif pruner.criterion == "wanda" and pruner._act_sq:
-            parts = list(pruner._act_sq.values())
-            flat = torch.cat([p.reshape(-1) for p in parts])
-            all_reduce_(flat, f"all_reduce of the Wanda activation sums (macro-step {pruner.macro_steps + 1})",
-                        self.timeout_s)
-            off = 0
-            for p in parts:
-                p.copy_(flat[off : off + p.numel()].view_as(p))
-                off += p.numel()
-            n = flat.numel() * flat.element_size()
-        else:
-            n = 0
-        if n:
+        buf = arena.sample_sums()
+        if buf is not None and buf.numel():
+            all_reduce_(buf, f"all_reduce of the score arena (macro-step {arena.steps + 1})", self.timeout_s)
             self.stats["reduce_calls"] += 1
-            self.stats["reduce_bytes"] += n
+            self.stats["reduce_bytes"] += buf.numel() * buf.element_size()
         self.stats["seconds"] += time.perf_counter() - t0
 
     def sync_state_(self, arena) -> None:

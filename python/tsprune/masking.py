@@ -5,8 +5,9 @@ Stage of the flow: adapter sites + mask tensors -> a model whose Linears compute
 
 The forward of each Linear instance is overridden (its class, parameters and module path are
 untouched), so repack and save see the same model. ``detach_masks`` restores the original forward.
-Masks, gradient accumulators and squared-gradient accumulators are plain tensors handed in by the
-caller (normally views into a ScoreArena); this module owns none of them.
+Masks, gradient accumulators, squared-gradient accumulators and activation-square sums are plain
+tensors handed in by the caller (normally views into a ScoreArena's flat buffer, bound by the
+Pruner for the statistics its criterion reads); this module owns none of them.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class MaskBinding:
     grad_out: torch.Tensor | None = None
     sq_in: torch.Tensor | None = None
     sq_out: torch.Tensor | None = None
-    act_sq: torch.Tensor | None = None  # streaming sum of x**2 per input channel (Wanda), or None
+    act_sq: torch.Tensor | None = None  # [in_features] fp32 sum of x**2 per input channel (criteria reading "act"), or None
 
 
 def _masked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

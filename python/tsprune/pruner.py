@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,27 +25,26 @@ import tsprune_kernels as K
 
 from .adapters import get_adapter
 from .adapters.base import Adapter, Site
+from .criteria import Criterion, criterion_names, get_criterion
 from .masking import MaskBinding, attach, detach_masks
 from .plan import load_exact, repack_model
 
-CRITERIA = ("taylor", "taylor2", "fisher", "magnitude", "wanda")
+#: the built-in criteria's names (criterion_names() also lists those registered later)
+CRITERIA = criterion_names()
 
-
-@dataclass
-class StepInfo:
-    macro_step: int
-    pruned: int
-    live: int
-    total: int
-    capped: bool
+#: the one step-result type (tsprune_kernels.StepResult): macro_step, pruned, live, total, capped,
+#: live_before, k
+StepInfo = K.StepResult
 
 
 class Pruner:
     """Masks, scores and global pruning for one model.
 
-    criterion: taylor (-g*m), taylor2 (-(sum_i g_i) + 0.5 sum_i g_i**2), fisher (sum_i g_i**2),
-               magnitude (weight row/column norms) or wanda (||X_j|| * ||W_:,j||; input units only,
-               output units fall back to magnitude).
+    criterion: a registered name - taylor (-g*m), taylor2 (-(sum_i g_i) + 0.5 sum_i g_i**2), fisher
+               (sum_i g_i**2), magnitude (weight row/column norms), wanda (||X_j|| * ||W_:,j||; input
+               units only, output units fall back to magnitude) - or a ``tsprune.criteria.Criterion``.
+               Its ``stats`` decide what the arena holds and what the masked model collects; the
+               Pruner never looks at its name. ``pruner.criterion`` is the Criterion object.
     ema:       smoothing of the importance across macro-steps (SPEC step 5).
     block:     channels per FFN / residual unit; heads: attention units are whole heads.
     prune_ratio_per_epoch, samples_per_epoch, macro_batch_size: the geometric schedule, each macro
@@ -73,7 +71,7 @@ class Pruner:
     def __init__(
         self,
         model: nn.Module,
-        criterion: str = "taylor",
+        criterion: "str | Criterion" = "taylor",
         ema: float = 0.5,
         block: int = 1,
         heads: bool = False,
@@ -86,8 +84,7 @@ class Pruner:
         distributed: bool | None = None,
         compact: bool | None = None,
     ):
-        if criterion not in CRITERIA:
-            raise ValueError(f"Pruner: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+        criterion = get_criterion(criterion, "Pruner")
         if not 0.0 <= ema <= 1.0:
             raise ValueError(f"Pruner: ema must be in [0, 1], got {ema}")
         if not 0.0 <= prune_ratio_per_epoch <= 1.0:
@@ -123,11 +120,10 @@ class Pruner:
             for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
                 if spec is not None:
                     specs.append((s.mask_name(side), spec.units, spec.block))
-        self.arena = K.ScoreArena(specs, device=device)
+        self.arena = K.ScoreArena(specs, device=device, stats=criterion.stats)
         from . import distributed as D
 
         self.comm = D.ArenaSync() if (D.is_dist() if distributed is None else distributed) else None
-        self._act_sq: dict[str, torch.Tensor] = {}
         self._seen = 0
         self.macro_steps = 0
         self.done = False
@@ -147,16 +143,17 @@ class Pruner:
 
     @property
     def needs_sq(self) -> bool:
-        return self.criterion in ("taylor2", "fisher")
+        return self.criterion.needs_sq
 
     def attach(self) -> "Pruner":
         """Put arena-backed masks on every site: the model now computes the masked forward, and
-        backward accumulates mask gradients (and squares for taylor2 / fisher) into the arena
-        (into the compacted model's own buffers when compacted; they reach the arena at the next
-        macro-step, before scoring)."""
+        backward accumulates mask gradients (and what else the criterion reads: per-sample squares,
+        input activation squares) into the arena (into the compacted model's own buffers when
+        compacted; they reach the arena at the next macro-step, before scoring)."""
         self._attached = True
+        self._mark_act()
         if self._phys is not None:
-            self._phys.attach(self.model, self.needs_sq, self._wanda_paths())
+            self._phys.attach(self.model, self.needs_sq)
             return self
         a = self.arena
         for s in self.sites:
@@ -171,23 +168,18 @@ class Pruner:
                 setattr(b, f"grad_{side}", a.grad_view(n))
                 if self.needs_sq:
                     setattr(b, f"sq_{side}", a.sq_view(n))
-            if self.criterion == "wanda" and s.mask_in is not None:
-                b.act_sq = self._act_sq.setdefault(
-                    s.path, torch.zeros(lin.in_features, device=a.device)
-                )
+            if self.criterion.needs_act and s.mask_in is not None:
+                b.act_sq = a.act_view(s.mask_name("in"))  # one entry per input channel
             attach(lin, b)
         return self
 
-    def _wanda_paths(self) -> set[str]:
-        """Sites whose input activations Wanda sums (full-size buffers created here if missing)."""
-        if self.criterion != "wanda":
-            return set()
-        src = self._orig if self._orig is not None else self.model
-        for s in self.sites:
-            if s.mask_in is not None and s.path not in self._act_sq:
-                n = src.get_submodule(s.path).in_features
-                self._act_sq[s.path] = torch.zeros(n, device=self.arena.device)
-        return {s.path for s in self.sites if s.mask_in is not None}
+    def _mark_act(self) -> None:
+        """Input-side masks collect activation squares when the criterion reads them (the arena
+        then scores those units from them; other units see act_units False)."""
+        if self.criterion.needs_act:
+            for s in self.sites:
+                if s.mask_in is not None:
+                    self.arena.act_view(s.mask_name("in"))
 
     def detach(self) -> None:
         """Take the masks off; a compacted model is restored to its original shapes and weights
@@ -237,7 +229,7 @@ class Pruner:
             self.enable_compaction()
         masks = {n: m.detach().cpu() for n, m in self.masks.items()}
         plan = self.adapter.plan(self._orig, masks, sites=self.sites)  # the Pruner's sites (residual sides dropped)
-        phys = _Physical.build(self.arena, self.sites, plan, self._orig)
+        phys = _Physical.build(self.arena, self.sites, plan, self._orig, self.criterion.needs_act)
         if phys is None:  # a partial block: keep the layout, refresh the mask values
             if self._phys is not None:
                 self._phys.refresh(self.arena)
@@ -265,7 +257,7 @@ class Pruner:
         self._phys = phys.to(dev)
         self._phys.refresh(self.arena)
         if was_attached:
-            self._phys.attach(self.model, self.needs_sq, self._wanda_paths())
+            self._phys.attach(self.model, self.needs_sq)
 
     # -- the schedule ----------------------------------------------------------------------------
     def ratio_per_step(self) -> float:
@@ -274,9 +266,14 @@ class Pruner:
         steps = max(1, math.ceil(self.samples_per_epoch / self.macro_batch_size))
         return self.prune_ratio_per_epoch / steps
 
+    # The one path of a macro-step: step(n) counts samples and, at a macro-batch boundary, calls
+    # prune_now(); finish_epoch() calls prune_now() for an epoch's tail; prune_now() gathers the
+    # statistics into the arena, syncs ranks, runs ScoreArena.step and returns its StepResult
+    # with the Pruner's macro-step count and cap.
     def step(self, n_samples: int) -> StepInfo | None:
         """Call after each backward with the micro-batch size (under torch.distributed: the global
-        one, all ranks together); prunes at macro-batch boundaries."""
+        one, all ranks together); prunes at macro-batch boundaries (returns the StepResult, else
+        None)."""
         self._seen += int(n_samples)
         if self._seen < self.macro_batch_size:
             return None
@@ -306,54 +303,53 @@ class Pruner:
 
     def prune_now(self, ratio: float | None = None) -> StepInfo:
         """One macro step now (SPEC steps 4-6) over everything accumulated since the last one."""
+        a = self.arena
         if self.done:
-            self.arena.zero_grad_()
+            a.zero_grad_()
             if self._phys is not None:
                 self._phys.zero_()
-            return StepInfo(self.macro_steps, 0, self.arena.n_live(), self.arena.n_units, True)
-        total = self.arena.n_units
+            n = a.n_live()
+            return StepInfo(pruned=0, live_before=n, live_after=n, k=0, total=a.n_units,
+                            macro_step=self.macro_steps, capped=True)
+        total = a.n_units
         r = self.ratio_per_step() if ratio is None else ratio
         floor_live = total - math.floor(self.max_prune_ratio * total)
         if self._phys is not None:  # the compacted model's sums into their arena slots (one op)
-            self._phys.flush_(self.arena, self._act_sq)
-        if self.comm is not None:  # one flat all-reduce of the macro-batch's sums, before scoring
-            self.comm.reduce_(self)
-        score = self._static_score() if self.criterion in ("magnitude", "wanda") else None
+            self._phys.flush_(a)
+        if self.criterion.reads_weights:
+            self._weight_stats_()
+        if self.comm is not None:  # one flat all-reduce of the arena's sums, before scoring
+            self.comm.reduce_(a)
         # the arena caps k so that at least floor_live units stay (zero-score units still go)
-        res = self.arena.step(self.criterion if score is None else "taylor", self.ema, ratio=r,
-                              score=score, min_live=floor_live)
+        res = a.step(self.criterion, self.ema, ratio=r, min_live=floor_live)
         if self.comm is not None:  # every rank takes rank 0's masks: they can never diverge
-            self.comm.sync_state_(self.arena)
-            after = self.arena.n_live()
-            res = K.StepResult(pruned=res.live_before - after, live_before=res.live_before,
-                               live_after=after, k=res.k)
+            self.comm.sync_state_(a)
+            after = a.n_live()
+            res = dataclasses.replace(res, pruned=res.live_before - after, live_after=after)
         capped = res.live_after <= floor_live
         self.macro_steps += 1
         self.done = capped
-        info = StepInfo(self.macro_steps, res.pruned, res.live_after, total, capped)
+        info = dataclasses.replace(res, macro_step=self.macro_steps, capped=capped)
         self.history.append(info)
         if self.compact and res.pruned > 0:
             self.compact_()
         return info
 
     @torch.no_grad()
-    def _static_score(self) -> torch.Tensor:
-        """Flat magnitude / Wanda scores (one pass over the weights; not gradient based)."""
-        out = torch.zeros(self.arena.n_units, device=self.arena.device)
+    def _weight_stats_(self) -> None:
+        """The arena's ``wsq``: squared L2 norm of every masked weight channel (columns of input
+        masks, rows of output masks) of the full-size weights, in fp32 (fp32 math for half
+        weights). One pass over the weights per macro-step; the weights live in the model, so
+        this is the Pruner's job, not the arena's."""
         src = self._orig if self._phys is not None else self.model  # full-size weights
         for s in self.sites:
             w = src.get_submodule(s.path).weight.to(self.arena.device)
-            for side, spec, dim in (("in", s.mask_in, 1), ("out", s.mask_out, 0)):
-                if spec is None:
-                    continue
-                if side == "in" and self.criterion == "wanda" and s.path in self._act_sq:
-                    sc = K.wanda_score(self._act_sq[s.path], w, spec.block)
-                else:
-                    sc = K.magnitude_score(w, dim, spec.block)
-                self.arena._slice(out, s.mask_name(side)).copy_(sc)
-        for acc in self._act_sq.values():
-            acc.zero_()
-        return out
+            if w.dtype in (torch.float16, torch.bfloat16):
+                w = w.float()
+            w2 = w.square()
+            for side, spec, dim in (("in", s.mask_in, 0), ("out", s.mask_out, 1)):
+                if spec is not None:
+                    self.arena.wsq_view(s.mask_name(side)).copy_(w2.sum(dim))
 
     # -- results ---------------------------------------------------------------------------------
     def pruned_fraction(self) -> float:
@@ -413,32 +409,36 @@ def _transplant(dst: nn.Module, src: nn.Module) -> None:
 
 
 class _Physical:
-    """Mask buffers of the compacted model and where each entry lives in the arena.
+    """Statistics buffers of the compacted model and where each entry lives in the arena.
 
-    mask [P] fp32 (the gathered arena values of every physically present unit), acc [2, P]
-    (gradient sums, squared per-sample sums), idx [P] int64 (arena position of each entry),
-    views: site path -> {side: (offset, units, block)}; act: site path -> kept input channels
-    (Wanda's per-channel sums, None = all)."""
+    flat [2P + Q] fp32: grad [P] | sq [P] of every physically present unit, then act [Q] (the
+    kept input channels of input masks, when the criterion reads activations); mask [P] fp32 (the
+    gathered arena values); idx [P] int64 (arena unit of each entry); flat_idx [2P + Q] int64
+    (position of each flat entry in ``arena.flat``, so one index_add_ flushes everything);
+    views: site path -> {side: (offset, units, block)}; act_views: site path -> (offset, channels)."""
 
-    def __init__(self, idx: torch.Tensor, views: dict, act_cols: dict):
+    def __init__(self, idx: torch.Tensor, views: dict, act_idx: torch.Tensor, act_views: dict, arena):
+        p = idx.numel()
         self.idx = idx
-        self.mask = torch.ones(idx.numel())
-        self.acc = torch.zeros(2, idx.numel())
+        self.mask = torch.ones(p)
+        self.flat = torch.zeros(2 * p + act_idx.numel())
+        self.acc = self.flat[: 2 * p].view(2, p)
+        self.act = self.flat[2 * p :]
         self.views = views
-        self.act_cols = act_cols
-        self.act_sq: dict[str, torch.Tensor] = {}
+        self.act_views = act_views
+        act_off = arena.flat_offset("act") if arena.act is not None else 0
+        self.flat_idx = torch.cat([idx, idx + arena.n_units, act_idx + act_off])
         self._leaf: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
-    def build(cls, arena, sites, plan, orig) -> "_Physical | None":
-        idx, views, act_cols, off = [], {}, {}, 0
+    def build(cls, arena, sites, plan, orig, act: bool = False) -> "_Physical | None":
+        idx, views, act_idx, act_views, off, aoff = [], {}, [], {}, 0, 0
         for s in sites:
             spec_l = plan.linears.get(s.path)
             if spec_l is not None and spec_l.get("zero"):
                 continue  # a ZeroLinear: no weight, nothing to mask; its units' gradients are 0
             keep = plan.keep.get(f"{s.path}.weight", {})
             lin = orig.get_submodule(s.path)
-            act_cols[s.path] = keep.get("cols")
             for side, spec, key, width in (("in", s.mask_in, "cols", lin.in_features),
                                            ("out", s.mask_out, "rows", lin.out_features)):
                 if spec is None:
@@ -449,14 +449,22 @@ class _Physical:
                 if ch.numel() % spec.block or not torch.equal(
                         ch, (units[:, None] * spec.block + torch.arange(spec.block)).reshape(-1)):
                     return None
-                slot = arena.slots[s.mask_name(side)]
-                idx.append(units + slot.offset)
+                name = s.mask_name(side)
+                idx.append(units + arena.slots[name].offset)
                 views.setdefault(s.path, {})[side] = (off, units.numel(), spec.block)
                 off += units.numel()
-        return cls(torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long), views, act_cols)
+                if act and side == "in":  # the kept input channels, at their arena channel positions
+                    act_idx.append(ch + arena.slots[name].channel_offset)
+                    act_views[s.path] = (aoff, ch.numel())
+                    aoff += ch.numel()
+        cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+        return cls(cat(idx), views, cat(act_idx), act_views, arena)
 
     def to(self, device) -> "_Physical":
-        self.idx, self.mask, self.acc = self.idx.to(device), self.mask.to(device), self.acc.to(device)
+        self.idx, self.mask, self.flat_idx = self.idx.to(device), self.mask.to(device), self.flat_idx.to(device)
+        p = self.idx.numel()
+        self.flat = self.flat.to(device)
+        self.acc, self.act = self.flat[: 2 * p].view(2, p), self.flat[2 * p :]
         return self
 
     def refresh(self, arena) -> None:
@@ -464,11 +472,9 @@ class _Physical:
             self.mask.copy_(arena.mask[self.idx])
 
     def zero_(self) -> None:
-        self.acc.zero_()
-        for a in self.act_sq.values():
-            a.zero_()
+        self.flat.zero_()
 
-    def attach(self, model: nn.Module, needs_sq: bool, wanda_paths=()) -> None:
+    def attach(self, model: nn.Module, needs_sq: bool) -> None:
         for path, sides in self.views.items():
             lin = model.get_submodule(path)
             b = MaskBinding()
@@ -482,18 +488,12 @@ class _Physical:
                 setattr(b, f"grad_{side}", self.acc[0, o : o + u])
                 if needs_sq:
                     setattr(b, f"sq_{side}", self.acc[1, o : o + u])
-            if path in wanda_paths:
-                b.act_sq = self.act_sq.setdefault(path, torch.zeros(lin.in_features, device=self.mask.device))
+            if path in self.act_views:
+                o, n = self.act_views[path]
+                b.act_sq = self.act[o : o + n]
             attach(lin, b)
 
-    def flush_(self, arena, full_act_sq: dict) -> None:
-        """acc -> arena.acc[:, idx] (one index_add_), Wanda sums -> their full-size buffers; zeroes."""
-        arena.acc.index_add_(1, self.idx, self.acc)
-        for path, a in self.act_sq.items():
-            cols = self.act_cols.get(path)
-            full = full_act_sq[path]
-            if cols is None:
-                full.add_(a)
-            else:
-                full.index_add_(0, torch.as_tensor(cols, dtype=torch.long, device=a.device), a)
+    def flush_(self, arena) -> None:
+        """Every sum (grad, sq, act) -> its arena position (one index_add_); zeroes."""
+        arena.flat.index_add_(0, self.flat_idx, self.flat)
         self.zero_()

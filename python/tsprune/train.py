@@ -222,8 +222,8 @@ def calibrate(
         progress = progress and D.is_main()
         log = log if D.is_main() else None
         sharded = D.is_sharded(model)
-        if sharded and pruner.criterion in ("magnitude", "wanda"):
-            raise ValueError(f"calibrate: criterion {pruner.criterion!r} reads whole weights outside the "
+        if sharded and pruner.criterion.reads_weights:
+            raise ValueError(f"calibrate: criterion {pruner.criterion.name!r} reads whole weights outside the "
                              "forward and is not supported on a sharded (FSDP) model yet; use taylor, "
                              "taylor2 or fisher")
     if pruner.compact is None:  # on by default here: pruned units then cost nothing (issue 11)
