@@ -289,7 +289,7 @@ class ScoreArena:
     def step(self, criterion: "str | Criterion" = "taylor", ema: float = 1.0, *, ratio: float | None = None,
              k: int | None = None, score: Tensor | None = None, check_finite: bool = True,
              min_live: int = 0) -> StepResult:
-        """One pruning step (SPEC steps 4-6): score (``criterion`` from the arena's statistics, or
+        """One pruning step (score, EMA, global threshold, prune; docs/METHOD.md "Stage 1"): score (``criterion`` from the arena's statistics, or
         the flat ``score`` given), EMA into ``imp`` (the first step takes the score as is),
         then prune ``k`` units, or ``ceil(ratio * live)``, of lowest |imp| over the whole arena plus
         the live units whose importance is exactly 0; never more than leaves ``min_live`` units

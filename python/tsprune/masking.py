@@ -1,4 +1,4 @@
-"""Put masks on a model's Linears (stage 1 of SPEC.md) without changing its classes or state dict.
+"""Put masks on a model's Linears (stage 1 of docs/METHOD.md) without changing its classes or state dict.
 
 Stage of the flow: adapter sites + mask tensors -> a model whose Linears compute
 ``((x * m_in) @ W.T + b) * m_out`` through ``tsprune_kernels.masked_linear``.

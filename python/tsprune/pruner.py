@@ -1,8 +1,8 @@
-"""Pruner: the user-facing object of stage 1 (SPEC.md) - masks on a model, scores, global pruning.
+"""Pruner: the user-facing object of stage 1 (docs/METHOD.md, "Stage 1") - masks on a model, scores, global pruning.
 
 Stage of the flow: model -> adapter (sites) -> **Pruner** owns a ScoreArena with one mask per site
 side -> masked_linear writes mask gradients into it -> ``step()`` at macro-batch boundaries runs the
-arena step (score, EMA, global threshold, prune) -> ``repack()`` hands masks to plan.repack_model.
+arena step (score, EMA, global threshold, prune) -> ``repack()`` hands masks to repack.repack_model.
 
     pruner = tsprune.Pruner(model, criterion="taylor", ema=0.5, prune_ratio_per_epoch=0.3,
                             macro_batch_size=256, samples_per_epoch=len(train_windows))
@@ -27,7 +27,7 @@ from .adapters import get_adapter
 from .adapters.base import Adapter, Site
 from .criteria import Criterion, criterion_names, get_criterion
 from .masking import MaskBinding, attach, detach_masks
-from .plan import load_exact, repack_model
+from .repack import load_exact, repack_model
 
 #: the built-in criteria's names (criterion_names() also lists those registered later)
 CRITERIA = criterion_names()
@@ -45,14 +45,14 @@ class Pruner:
                units only, output units fall back to magnitude) - or a ``tsprune.criteria.Criterion``.
                Its ``stats`` decide what the arena holds and what the masked model collects; the
                Pruner never looks at its name. ``pruner.criterion`` is the Criterion object.
-    ema:       smoothing of the importance across macro-steps (SPEC step 5).
+    ema:       smoothing of the importance across macro-steps (docs/METHOD.md, "Stage 1").
     block:     channels per FFN / residual unit; heads: attention units are whole heads.
     prune_ratio_per_epoch, samples_per_epoch, macro_batch_size: the geometric schedule, each macro
                step prunes ceil(r * live) with r = prune_ratio_per_epoch / macro_steps_per_epoch.
     max_prune_ratio: stop ranking once this fraction of all units is pruned (then ``done`` is True).
                Units whose importance is exactly 0 (they change nothing the loss sees, e.g. dead
-               ReLU channels) are removed at every step whatever the cap and the ratio (SPEC step
-               6), so the pruned fraction can end above the cap, and ratio 0 can still prune.
+               ReLU channels) are removed at every step whatever the cap and the ratio (docs/METHOD.md, "Stage 1"),
+               so the pruned fraction can end above the cap, and ratio 0 can still prune.
     residual:  also mask the residual-stream side of every Linear (q/k/v/up in, o/down out), as the
                paper does. Those zeros stay as zero weights after repack (no saving), so by default
                they are left out and the whole budget goes to units that are physically removed.
@@ -302,7 +302,7 @@ class Pruner:
         return self._seen
 
     def prune_now(self, ratio: float | None = None) -> StepInfo:
-        """One macro step now (SPEC steps 4-6) over everything accumulated since the last one."""
+        """One macro step now (score, EMA, global threshold, prune: docs/METHOD.md, "Stage 1") over everything accumulated since the last one."""
         a = self.arena
         if self.done:
             a.zero_grad_()

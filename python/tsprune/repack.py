@@ -51,7 +51,7 @@ def repack_model(
     """A new, physically smaller model computing what ``model`` masked by ``masks`` computes.
 
     ``model`` is left as it was (masks attached or not). Returns (new_model, plan)."""
-    plan = adapter.plan(model, masks)
+    plan = adapter.plan(model, masks, sites=sites)
     new = copy.deepcopy(model)
     detach_masks(new)
     fold_masks_(new, sites, masks)

@@ -175,13 +175,13 @@ def calibrate(
     log: Callable[[str], None] | None = None,
     eval_batch_size: int | None = None,
 ) -> CalibrationResult:
-    """SPEC stage 1: frozen weights (model in eval mode: no dropout), masks on every site,
+    """Stage 1 (docs/METHOD.md): frozen weights (model in eval mode: no dropout), masks on every site,
     gradient accumulation into the arena,
     pruning at macro-batch boundaries, validation each epoch with patience, restore of the best
     masks (masks only: no weight is ever changed, so an earlier, less-pruned best comes back whole).
 
     The kept masks are those of the latest epoch whose validation loss is within ``val_tolerance``
-    (relative) of the lowest seen; 0 is SPEC's rule (keep the best). A small tolerance trades a
+    (relative) of the lowest seen; 0 is the paper's rule (keep the best). A small tolerance trades a
     little masked validation loss, before fine-tuning, for a smaller model. ``result.reason`` says
     in words which epoch was kept and why (and is logged).
 
@@ -503,7 +503,7 @@ def finetune(
     eval_batch_size: int | None = None,
     lora: int | dict | None = None,
 ) -> dict:
-    """SPEC stage 2: every weight trainable, AdamW, selection on validation.
+    """Stage 2 (docs/METHOD.md): every weight trainable, AdamW, selection on validation.
 
     Budget: ``steps`` optimiser steps (as many epochs over shuffled ``train`` as that takes), else
     ``epochs`` epochs, optionally cut at ``max_steps``. ``warmup`` (a fraction of the budget when
