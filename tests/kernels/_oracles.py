@@ -5,7 +5,6 @@ These are the formulas, written plainly, that every backend (tsprune_kernels/tor
 C++ extension, Triton) is checked against, usually in float64. They are not the torch backend:
 that one folds masks into the weight and recovers mask gradients from the output, as the fast
 kernels do; this is autograd through the definition."""
-import torch
 import torch.nn.functional as F
 
 # The contract's "is zero" table (docs/KERNELS.md) is a production value, shared by the backends;
