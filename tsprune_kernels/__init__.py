@@ -12,8 +12,14 @@ Public API (a stable contract; see docs/KERNELS.md for formulas and implementati
     block_reduce(scores, block, op)               op in sum / mean / l2 / max
     repack(tensors, keep_rows, keep_cols)
     backends()                                     which implementation each op uses, and why
+    set_backend(name)                              force a backend at run time (auto / torch / cpp /
+                                                   triton / cuda); TSPRUNE_KERNELS_BACKEND is read
+                                                   once, at import
+
+Every kernel is a ``torch.library`` op in the ``tsprune`` namespace (``torch.ops.tsprune.*``, with
+fake implementations): see ``_library.py`` and docs/KERNELS.md, "Ops and dispatch".
 """
-from ._backend import backends
+from ._backend import backends, set_backend
 from .arena import ScoreArena, StepResult
 from .ops.masked_linear import masked_linear
 from .ops.repack import repack
@@ -42,6 +48,7 @@ __all__ = [
     "masked_linear",
     "prune_lowest_",
     "repack",
+    "set_backend",
     "taylor2_score",
     "taylor_score",
     "wanda_score",

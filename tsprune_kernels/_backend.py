@@ -1,16 +1,25 @@
-"""Which implementation runs each op, and why.
+"""Which implementation runs each op, and why: the decision table behind the op registrations.
 
-Order of preference per device: CPU -> ``cpp`` (the compiled extension ``tsprune_kernels._C``) then
-``torch``; CUDA -> ``cuda`` (the compiled extension ``tsprune_kernels._C_cuda``: repack) or
-``triton`` (``tsprune_kernels/triton/``: masked_linear, selection, block_reduce, act_sq, EMA) when
-they exist, then ``torch``. ``TSPRUNE_KERNELS_BACKEND`` (``auto`` | ``torch`` | ``cpp`` | ``triton`` |
-``cuda``) forces one backend for every op that has it; forcing one that is not available raises at
-the first call of an affected op (and ``backends()`` shows the reason). ``triton`` / ``cuda`` forced
-on an op that has no such implementation leaves that op on its automatic choice.
-``TSPRUNE_KERNELS_BACKEND=triton`` also applies to CPU tensors, which only works under the Triton
-interpreter (``TRITON_INTERPRET=1``, small shapes: tests); otherwise it raises. The compiled
-extensions and Triton are loaded inside guards: when one is missing the package keeps working on
-the torch implementation and says so once.
+Every public kernel is a ``torch.library`` op in the ``tsprune`` namespace (``_library.py``), so
+the dispatcher, not an if-ladder, picks the implementation by the tensors' device:
+
+    CPU    the C++ kernel of the compiled extension ``tsprune_kernels._C`` (registered from C++,
+           csrc/cpu/op_kernels.cpp), for masked_linear, global_kth_smallest, prune_lowest_,
+           repack and act_sq_accumulate_
+    CUDA   ``triton`` (``tsprune_kernels/triton/``: masked_linear, selection, block_reduce,
+           act_sq, EMA) or ``cuda`` (``tsprune_kernels._C_cuda``: repack), chosen once per op at
+           its first CUDA call
+    other  ``torch`` (``torch_impl.py``), the fallback kernel of every op on every device
+
+``TSPRUNE_KERNELS_BACKEND`` (``auto`` | ``torch`` | ``cpp`` | ``triton`` | ``cuda``) is read ONCE, when
+this module is imported; ``set_backend(name)`` changes it at run time (tests, benchmarks). A forced
+backend installs override kernels on the CPU and CUDA dispatch keys that call that backend for
+every op that has it; forcing one that is not available raises at the first call of an affected op
+(and ``backends()`` shows the reason). ``triton`` / ``cuda`` forced on an op that has no such
+implementation leaves that op on its automatic choice. ``triton`` forced also applies to CPU
+tensors, which only works under the Triton interpreter (``TRITON_INTERPRET=1``, small shapes:
+tests); otherwise it raises. The compiled extensions and Triton are loaded inside guards: when one
+is missing the package keeps working on the torch implementation and says so once.
 """
 from __future__ import annotations
 
@@ -46,11 +55,35 @@ _TRITON_ERROR: str | None = None
 _warned = False
 
 
+def _parse(value: str | None) -> str:
+    return (value or "auto").strip().lower() or "auto"
+
+
+# The forced backend: read from the environment once, here; set_backend() changes it.
+_FORCED: str = _parse(os.environ.get("TSPRUNE_KERNELS_BACKEND"))
+
+
 def requested() -> str:
-    v = os.environ.get("TSPRUNE_KERNELS_BACKEND", "auto").strip().lower() or "auto"
-    if v not in VALID:
-        raise ValueError(f"TSPRUNE_KERNELS_BACKEND={v!r} is not one of {', '.join(VALID)}")
-    return v
+    """The forced backend (``auto`` when none); ValueError for a value that is not one of VALID
+    (raised at the first op call, not at import)."""
+    if _FORCED not in VALID:
+        raise ValueError(f"TSPRUNE_KERNELS_BACKEND={_FORCED!r} is not one of {', '.join(VALID)}")
+    return _FORCED
+
+
+def set_backend(name: str | None) -> str:
+    """Force ``name`` (one of VALID; None = ``auto``) for every op from now on, replacing what
+    ``TSPRUNE_KERNELS_BACKEND`` said at import. Returns the previous value. Changing the
+    environment variable after import has no effect: call this instead."""
+    global _FORCED
+    value = _parse(name)
+    if value not in VALID:
+        raise ValueError(f"set_backend: {value!r} is not one of {', '.join(VALID)}")
+    previous, _FORCED = _FORCED, value
+    from . import _library  # the registrations follow the new value
+
+    _library.apply_forced_backend()
+    return previous
 
 
 def cpp_available() -> bool:

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace tsprune {
@@ -65,5 +66,34 @@ std::vector<at::Tensor> repack(const std::vector<at::Tensor>& tensors,
 
 // acc[j] += sum_t x[t, j]^2 (x: [T, K]; acc: float32 or float64 [K]).
 void act_sq_accumulate_(const at::Tensor& x, const at::Tensor& acc);
+
+// ---- op kernels (op_kernels.cpp) --------------------------------------------------------------
+// The CPU kernels of the tsprune:: torch ops (registered with TORCH_LIBRARY_IMPL there; bound to
+// Python by bindings.cpp). Unlike the fast kernels above they accept every input their op's schema
+// admits: empty dimensions of masked_linear, any float dtype / layout for prune_lowest_, a strided
+// accumulator for act_sq_accumulate_, routed to ATen code with the torch backend's numbers.
+
+// {y, y_pre_zero}: masked_linear_fwd_keep when keep_zero_pre and mask_out is given, else
+// {masked_linear_fwd, [T, 0]}.
+std::tuple<at::Tensor, at::Tensor> masked_linear_fwd_op(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& mask_in, const std::optional<at::Tensor>& mask_out,
+    int64_t block_in, int64_t block_out, bool keep_zero_pre);
+
+// masked_linear_bwd, or the formula (no division by mask values) when a dimension is empty.
+std::vector<at::Tensor> masked_linear_bwd_op(
+    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask_in,
+    const std::optional<at::Tensor>& mask_out, int64_t block_in, int64_t block_out,
+    int64_t tokens_per_sample, bool need_x, bool need_weight, bool need_bias, bool need_mask_in,
+    bool need_mask_out, const std::optional<at::Tensor>& acc_in,
+    const std::optional<at::Tensor>& acc_out, const std::optional<at::Tensor>& sq_in,
+    const std::optional<at::Tensor>& sq_out, const std::optional<at::Tensor>& y_pre_zero);
+
+// prune_lowest_ for any 1-D float mask / imp pair (the radix kernel for contiguous fp32).
+int64_t prune_lowest_op(const at::Tensor& mask, const at::Tensor& imp, int64_t k);
+
+// act_sq_accumulate_ for x of any shape [..., K] and a 1-D accumulator of any stride.
+void act_sq_accumulate_op(const at::Tensor& x, const at::Tensor& acc);
 
 }  // namespace tsprune

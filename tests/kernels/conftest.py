@@ -6,6 +6,11 @@ the reason, unless TSPRUNE_REQUIRE_CPP=1 (CI sets it), where they fail: a missin
 pass silently. On a machine with a CUDA GPU a third case, ``triton``, runs the same tests on CUDA
 tensors with TSPRUNE_KERNELS_BACKEND=triton: it makes cuda the default device (tensors the tests
 create land there, ``gen`` is a CUDA generator, ScoreArena defaults to cuda) for that case only.
+
+The package reads TSPRUNE_KERNELS_BACKEND once, at import; ``tsprune_kernels.set_backend`` changes
+the forced backend at run time. The tests here force a backend the pytest way,
+``monkeypatch.setenv("TSPRUNE_KERNELS_BACKEND", name)``: the ``monkeypatch`` fixture of this
+directory passes every such change (and its undo) on to ``set_backend``.
 """
 import os
 
@@ -13,6 +18,41 @@ import pytest
 import torch
 
 from tsprune_kernels import _backend
+
+_VAR = "TSPRUNE_KERNELS_BACKEND"
+
+
+class _BackendMonkeyPatch(pytest.MonkeyPatch):
+    """pytest's MonkeyPatch; setting, deleting or restoring TSPRUNE_KERNELS_BACKEND also calls
+    set_backend with the variable's new value."""
+
+    touched = False
+
+    def setenv(self, name, value, prepend=None):
+        super().setenv(name, value, prepend)
+        self._sync(name)
+
+    def delenv(self, name, raising=True):
+        super().delenv(name, raising)
+        self._sync(name)
+
+    def _sync(self, name):
+        if name == _VAR:
+            self.touched = True
+            _backend.set_backend(os.environ.get(_VAR))
+
+    def undo(self):
+        super().undo()
+        if self.touched:
+            self.touched = False
+            _backend.set_backend(os.environ.get(_VAR))
+
+
+@pytest.fixture
+def monkeypatch():
+    mp = _BackendMonkeyPatch()
+    yield mp
+    mp.undo()
 
 BACKENDS = ["torch", "cpp"] + (["triton"] if torch.cuda.is_available() else [])
 

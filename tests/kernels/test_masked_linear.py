@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import tsprune_kernels as K
-from tsprune_kernels import reference as R
+import _oracles as R
 
 # (dtype, atol, rtol) of the fast path vs an fp64 oracle. Half types are judged against the error
 # of naive low-precision torch code on the same inputs (the kernel may not be worse than 2x + eps).

@@ -49,7 +49,7 @@ pytest.importorskip("triton", reason="Triton is not installed")
 
 import tsprune_kernels as K  # noqa: E402
 from tsprune_kernels import _backend  # noqa: E402
-from tsprune_kernels import reference as R  # noqa: E402
+import _oracles as R  # noqa: E402
 
 # Under the interpreter the kernels read host memory: CPU tensors. On a GPU: CUDA tensors.
 DEV = torch.device("cpu" if INTERPRET else "cuda")

@@ -1,7 +1,8 @@
 """masked_linear: ``((x * expand(mask_in)) @ weight.T + bias) * expand(mask_out)`` with fused mask gradients.
 
-Two torch custom ops (``tsprune::masked_linear_fwd`` / ``tsprune::masked_linear_bwd``, with fake
-implementations, so models using them run under torch.compile) joined by an autograd.Function.
+Two torch ops (``tsprune::masked_linear_fwd`` / ``tsprune::masked_linear_bwd``, defined with their
+fakes and kernels in ``_library.py``, so models using them run under torch.compile) joined by an
+autograd.Function.
 
 Saved for backward (through ``ctx.save_for_backward`` only): x, weight, bias, the output y, mask_in,
 mask_out, and y_pre_zero. The output is saved instead of the pre-mask activation: where a mask entry is
@@ -20,114 +21,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import _library  # noqa: F401  (defines the tsprune:: ops)
 from ._checks import SIZE_MAX, as_int
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _empty(ref: Tensor) -> Tensor:
-    return ref.new_empty(0)
-
-
-# -- custom ops ----------------------------------------------------------------------------------
-
-@torch.library.custom_op("tsprune::masked_linear_fwd", mutates_args=())
-def masked_linear_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    mask_in: Optional[Tensor],
-    mask_out: Optional[Tensor],
-    block_in: int,
-    block_out: int,
-    keep_zero_pre: bool,
-) -> tuple[Tensor, Tensor]:
-    """x [T, K] -> (y [T, N], y_pre_zero [T, Z]) (2-D; the wrapper flattens leading dims).
-
-    y_pre_zero: with keep_zero_pre on the C++ backend, y_pre of the channels of mask_out's zero
-    units (Z = their count * block_out), for the backward; otherwise [T, 0]."""
-    empty = x.new_empty((x.shape[0], 0))
-    if x.shape[0] == 0 or x.shape[1] == 0 or weight.shape[0] == 0:  # empty: F.linear semantics
-        return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out), empty
-    backend = _backend.choose("masked_linear", x.device).backend
-    if backend == "triton":
-        y = _backend.triton_impl().masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
-        return y, empty
-    if backend == "cpp":
-        args = (x.contiguous(), weight.contiguous(), bias, mask_in, mask_out, block_in, block_out)
-        if keep_zero_pre and mask_out is not None:
-            y, ypz = _backend._C.masked_linear_fwd_keep(*args)
-            return y, ypz
-        return _backend._C.masked_linear_fwd(*args), empty
-    return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out), empty
-
-
-@masked_linear_fwd.register_fake
-def _(x, weight, bias, mask_in, mask_out, block_in, block_out, keep_zero_pre):
-    # y_pre_zero's width depends on the mask values (and the backend): a data-dependent size.
-    z = torch.library.get_ctx().new_dynamic_size()
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], z))
-
-
-@torch.library.custom_op(
-    "tsprune::masked_linear_bwd",
-    mutates_args=("acc_in", "acc_out", "sq_in", "sq_out"),
-)
-def masked_linear_bwd(
-    gy: Tensor,
-    x: Tensor,
-    y: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    mask_in: Optional[Tensor],
-    mask_out: Optional[Tensor],
-    block_in: int,
-    block_out: int,
-    tokens_per_sample: int,
-    need_x: bool,
-    need_weight: bool,
-    need_bias: bool,
-    need_mask_in: bool,
-    need_mask_out: bool,
-    acc_in: Optional[Tensor],
-    acc_out: Optional[Tensor],
-    sq_in: Optional[Tensor],
-    sq_out: Optional[Tensor],
-    y_pre_zero: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight, dbias, dmask_in, dmask_out); a gradient not asked for is an empty tensor.
-
-    y_pre_zero: masked_linear_fwd's second result (used by the C++ backend only; None or [T, 0]:
-    the zero units of mask_out are recomputed)."""
-    args = (
-        gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
-        need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out,
-    )
-    backend = _backend.choose("masked_linear", x.device).backend
-    if x.shape[0] == 0 or x.shape[1] == 0 or weight.shape[0] == 0:  # empty dims, every backend
-        outs = reference.masked_linear_bwd_direct(*args)
-    elif backend == "triton":
-        outs = _backend.triton_impl().masked_linear_bwd(*args)
-    elif backend == "cpp":
-        outs = _backend._C.masked_linear_bwd(gy.contiguous(), *args[1:], y_pre_zero)
-    else:
-        outs = reference.masked_linear_bwd(*args)
-    return tuple(_empty(x) if o is None else o for o in outs)  # type: ignore[return-value]
-
-
-@masked_linear_bwd.register_fake
-def _(gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
-      need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out,
-      y_pre_zero):
-    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (
-        torch.empty_like(x) if need_x else _empty(x),
-        torch.empty_like(weight) if need_weight else _empty(x),
-        weight.new_empty(weight.shape[0]) if need_bias else _empty(x),
-        x.new_empty(mask_in.shape[0], dtype=acc_t) if need_mask_in else _empty(x),
-        x.new_empty(mask_out.shape[0], dtype=acc_t) if need_mask_out else _empty(x),
-    )
+# The two ops (schemas, fakes and kernels: _library.py), as callables.
+masked_linear_fwd = torch.ops.tsprune.masked_linear_fwd.default
+masked_linear_bwd = torch.ops.tsprune.masked_linear_bwd.default
 
 
 # -- autograd ------------------------------------------------------------------------------------

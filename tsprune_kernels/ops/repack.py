@@ -7,7 +7,7 @@ from torch import Tensor
 
 import torch
 
-from .. import _backend, reference
+from .. import _backend, _library  # noqa: F401  (_library defines the tsprune:: ops)
 
 
 def _check_index(i: int, what: str, idx: Optional[Tensor], size: int, t: Tensor, ranges: bool) -> None:
@@ -52,17 +52,10 @@ def repack(
         _check_index(i, "rows", r, t.shape[0], t, not use_cpp)
         if c is not None:
             _check_index(i, "cols", c, t.shape[1], t, not use_cpp)
-    if use_cpp:
-        try:
-            return list(_backend._C.repack([t.detach() for t in tensors], keep_rows, keep_cols))
-        except RuntimeError as e:
-            msg = str(e).split("\nException raised from")[0]
-            if "out of range" in msg:
-                raise IndexError(f"repack: {msg}") from None
-            raise
-    dev = tensors[0].device
-    if dev.type == "cuda" and all(t.device == dev for t in tensors) and _backend.choose("repack", dev).backend == "cuda":
-        with torch.cuda.device(dev):  # one launch for all tensors, on the current stream
-            return list(_backend._C_CUDA.repack([t.detach() for t in tensors], keep_rows, keep_cols,
-                                                torch.cuda.current_stream(dev).cuda_stream))
-    return reference.repack([t.detach() for t in tensors], keep_rows, keep_cols)
+    try:
+        return list(torch.ops.tsprune.repack([t.detach() for t in tensors], keep_rows, keep_cols))
+    except RuntimeError as e:
+        msg = str(e).split("\nException raised from")[0]
+        if "out of range" in msg:
+            raise IndexError(f"repack: {msg}") from None
+        raise

@@ -1,13 +1,15 @@
 """Importance scores as plain tensor functions, block reduction, EMA and activation statistics.
 
-All are a few fused torch ops on any device (memory-bound, one pass each), except the streaming
-activation statistic, which has a C++ pass on CPU (no x**2 temporary)."""
+Each is a ``tsprune::`` op (``_library.py``). The scores are a few fused torch ops on any device
+(CompositeImplicitAutograd: differentiable, and torch.compile traces through them); block_reduce,
+ema_update_ and act_sq_accumulate_ have Triton kernels on CUDA, and the streaming activation
+statistic a C++ pass on CPU (no x**2 temporary)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import _library  # noqa: F401  (defines the tsprune:: ops)
 from ._checks import SIZE_MAX, as_int
 
 _BLOCK_OPS = ("sum", "mean", "l2", "max")
@@ -25,9 +27,7 @@ def block_reduce(scores: Tensor, block: int, op: str = "sum") -> Tensor:
             f"block_reduce: last dim {scores.shape[-1] if scores.dim() else 0} of shape "
             f"{tuple(scores.shape)} is not divisible by block {block}"
         )
-    if _backend.choose("block_reduce", scores.device).backend == "triton":
-        return _backend.triton_impl().block_reduce(scores, block, op)
-    return reference.block_reduce(scores, block, op)
+    return torch.ops.tsprune.block_reduce(scores, block, op)
 
 
 def _same_shape(name: str, a: Tensor, b: Tensor) -> None:
@@ -40,18 +40,18 @@ def _same_shape(name: str, a: Tensor, b: Tensor) -> None:
 def taylor_score(grad: Tensor, mask: Tensor) -> Tensor:
     """First-order Taylor estimate of the loss change when a unit is removed: ``-g * m``."""
     _same_shape("taylor_score", grad, mask)
-    return reference.taylor_score(grad, mask)
+    return torch.ops.tsprune.taylor_score(grad, mask)
 
 
 def taylor2_score(grad: Tensor, sq: Tensor) -> Tensor:
     """Second order with a diagonal Fisher: ``-(sum_i g_i) + 0.5 * sum_i g_i**2``."""
     _same_shape("taylor2_score", grad, sq)
-    return reference.taylor2_score(grad, sq)
+    return torch.ops.tsprune.taylor2_score(grad, sq)
 
 
 def fisher_score(sq: Tensor) -> Tensor:
     """``sum_i g_i**2`` (a copy)."""
-    return reference.fisher_score(sq)
+    return torch.ops.tsprune.fisher_score(sq)
 
 
 def magnitude_score(weight: Tensor, dim: int = 0, block: int = 1) -> Tensor:
@@ -64,7 +64,7 @@ def magnitude_score(weight: Tensor, dim: int = 0, block: int = 1) -> Tensor:
     as_int("magnitude_score", "block", block, 1, SIZE_MAX)
     if weight.shape[dim] % block:
         raise ValueError(f"magnitude_score: {weight.shape[dim]} channels not divisible by block {block}")
-    return reference.magnitude_score(weight, dim, block)
+    return torch.ops.tsprune.magnitude_score(weight, dim, block)
 
 
 def wanda_score(act_sq: Tensor, weight: Tensor, block: int = 1) -> Tensor:
@@ -78,7 +78,7 @@ def wanda_score(act_sq: Tensor, weight: Tensor, block: int = 1) -> Tensor:
     as_int("wanda_score", "block", block, 1, SIZE_MAX)
     if weight.shape[1] % block:
         raise ValueError(f"wanda_score: {weight.shape[1]} input channels not divisible by block {block}")
-    return reference.wanda_score(act_sq, weight, block)
+    return torch.ops.tsprune.wanda_score(act_sq, weight, block)
 
 
 def act_sq_accumulate_(x: Tensor, acc: Tensor) -> Tensor:
@@ -89,13 +89,8 @@ def act_sq_accumulate_(x: Tensor, acc: Tensor) -> Tensor:
         raise TypeError(f"act_sq_accumulate_: acc must be float32 or float64, got {acc.dtype}")
     if x.device != acc.device:
         raise ValueError(f"act_sq_accumulate_: x on {x.device}, acc on {acc.device}")
-    backend = _backend.choose("act_sq_accumulate_", x.device).backend
-    if backend == "triton":
-        return _backend.triton_impl().act_sq_accumulate_(x.detach(), acc)
-    if backend == "cpp" and acc.is_contiguous():
-        _backend._C.act_sq_accumulate_(x.detach().reshape(-1, x.shape[-1]).contiguous(), acc)
-        return acc
-    return reference.act_sq_accumulate_(x.detach(), acc)
+    torch.ops.tsprune.act_sq_accumulate_(x.detach(), acc)
+    return acc
 
 
 def ema_update_(imp: Tensor, score: Tensor, ema: float) -> Tensor:
@@ -103,6 +98,5 @@ def ema_update_(imp: Tensor, score: Tensor, ema: float) -> Tensor:
     if not 0.0 <= float(ema) <= 1.0:
         raise ValueError(f"ema_update_: ema must be in [0, 1], got {ema}")
     _same_shape("ema_update_", imp, score)
-    if _backend.choose("ema_update_", imp.device).backend == "triton":
-        return _backend.triton_impl().ema_update_(imp, score, float(ema))
-    return reference.ema_update_(imp, score, float(ema))
+    torch.ops.tsprune.ema_update_(imp, score, float(ema))
+    return imp

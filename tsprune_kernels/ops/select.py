@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import _library  # noqa: F401  (defines the tsprune:: ops)
 from ._checks import as_int
 
 
@@ -31,15 +31,13 @@ def global_kth_smallest(tensors: Sequence[Tensor] | Tensor, k: int, ignore_zeros
     k = as_int("global_kth_smallest", "k", k, -(2**64), None)  # TypeError for a non-int
     if not 1 <= k <= total:  # the backend then checks k against the count of candidates
         raise ValueError(f"global_kth_smallest: k={k} is out of range [1, {total}] (number of values)")
-    backend = _backend.choose("global_kth_smallest", tensors[0].device).backend
-    if backend == "triton":
-        return _backend.triton_impl().kth_smallest_abs(tensors, k, ignore_zeros)
-    if backend == "cpp":
-        try:
-            return _backend._C.kth_smallest_abs([t.detach() for t in tensors], k, ignore_zeros)
-        except RuntimeError as e:  # TORCH_CHECK messages -> the documented ValueError
-            raise ValueError(f"global_kth_smallest: {e}".split("\nException raised from")[0]) from None
-    return reference.kth_smallest_abs(tensors, k, ignore_zeros)
+    try:
+        return torch.ops.tsprune.global_kth_smallest([t.detach() for t in tensors], k, ignore_zeros)
+    except RuntimeError as e:  # the C++ kernel's TORCH_CHECK messages -> the documented ValueError
+        msg = str(e).split("\nException raised from")[0]
+        if "tsprune: kth_smallest_abs" not in msg:
+            raise
+        raise ValueError(f"global_kth_smallest: {msg}") from None
 
 
 def prune_lowest_(arena_or_mask, k: int, imp: Tensor | None = None) -> int:
@@ -65,14 +63,4 @@ def _prune_lowest_checked_(mask: Tensor, imp: Tensor, k: int) -> int:
     """prune_lowest_ on inputs already validated (equal 1-D shapes, k >= 0, finite scores);
     ScoreArena.step calls it after its own checks so the scores are not scanned twice."""
     k = min(int(k), mask.numel())  # the kernels take int64
-    backend = _backend.choose("prune_lowest_", mask.device).backend
-    if backend == "triton":
-        return _backend.triton_impl().prune_lowest_(mask, imp, int(k))
-    if (
-        backend == "cpp"
-        and mask.dtype == imp.dtype == torch.float32
-        and mask.is_contiguous()
-        and imp.is_contiguous()
-    ):
-        return int(_backend._C.prune_lowest_(mask, imp, int(k)))
-    return reference.prune_lowest_(mask, imp, int(k))
+    return int(torch.ops.tsprune.prune_lowest_(mask, imp, k))

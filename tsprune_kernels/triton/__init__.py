@@ -9,7 +9,7 @@ so a machine without Triton never imports it. One file per op family:
     stats.py           block_reduce, act_sq_accumulate_, ema_update_
 
 Every function here takes already-validated arguments (ops/*.py validate) and has the semantics
-of the same-named function in ``tsprune_kernels.reference``. See docs/KERNELS.md, "Triton (CUDA)".
+of the same-named function in ``tsprune_kernels.torch_impl`` (the torch backend). See docs/KERNELS.md, "Triton (CUDA)".
 """
 import contextlib
 import functools

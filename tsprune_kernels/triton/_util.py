@@ -6,8 +6,6 @@ import os
 import torch
 import triton
 
-HALF = (torch.float16, torch.bfloat16)
-
 
 def interpreting() -> bool:
     """True under the Triton interpreter (TRITON_INTERPRET=1: kernels run as numpy on the host)."""

@@ -31,7 +31,7 @@ taylor2 the per-sample partials [S, U] (S = samples = T // tokens_per_sample) th
 ``_finalize_kernel`` sums and squares. When a sample is a single token and a unit a single channel,
 squares are summed in registers (no [S, U] buffer). dweight / dbias (fine-tuning through masks,
 never in calibration) use the exact identities dW = m_out * (gy.T @ x) * m_in and
-db = m_out * gy.sum(0): weight-sized temporaries only. fp64 inputs take the torch reference path.
+db = m_out * gy.sum(0): weight-sized temporaries only. fp64 inputs take the torch backend (torch_impl).
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import torch_impl
 from ._util import cfg, configs, dot_precision, interpreting, upcast_dot
 
 # |m| below this (or m not finite): the unit's output-side gradient is recomputed, not y / m.
-# One table for every backend (reference.zero_threshold; the C++ kernel has the same values).
-zero_threshold = reference.zero_threshold
+# One table for every backend (torch_impl.zero_threshold; the C++ kernel has the same values).
+zero_threshold = torch_impl.zero_threshold
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ def _expand(m: Tensor, block: int) -> Tensor:
 
 def masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out) -> Tensor:
     if _degenerate(x, weight):
-        return reference.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
+        return torch_impl.masked_linear_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out)
     T, K = x.shape
     N = weight.shape[0]
     if path(x.dtype) == "fold":
@@ -547,10 +547,10 @@ def masked_linear_bwd(
     need_x, need_weight, need_bias, need_mask_in, need_mask_out,
     acc_in, acc_out, sq_in, sq_out,
 ):
-    """Same contract as reference.masked_linear_bwd: (dx, dweight, dbias, dmask_in, dmask_out),
+    """Same contract as torch_impl.masked_linear_bwd: (dx, dweight, dbias, dmask_in, dmask_out),
     None where not needed; accumulators updated in place."""
     if _degenerate(x, weight):
-        return reference.masked_linear_bwd(
+        return torch_impl.masked_linear_bwd(
             gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
             need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out)
     T, K = x.shape

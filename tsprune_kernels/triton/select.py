@@ -166,7 +166,7 @@ def _tables(flats: list[Tensor], block: int, device) -> tuple[Tensor, ...]:
 
 
 def kth_smallest_abs(tensors: list[Tensor], k: int, ignore_zeros: bool = True) -> Tensor:
-    """Same contract as reference.kth_smallest_abs (ValueError on NaN / Inf or k out of range);
+    """Same contract as torch_impl.kth_smallest_abs (ValueError on NaN / Inf or k out of range);
     returns a 0-d tensor, float32 for half inputs (the value is exact), else the input dtype."""
     dtype = tensors[0].dtype
     dev = tensors[0].device
@@ -196,14 +196,14 @@ def kth_smallest_abs(tensors: list[Tensor], k: int, ignore_zeros: bool = True) -
 
 
 def prune_lowest_(mask: Tensor, imp: Tensor, k: int) -> int:
-    """Same contract as reference.prune_lowest_ (1-D, equal shapes, finite scores, k >= 0)."""
+    """Same contract as torch_impl.prune_lowest_ (1-D, equal shapes, finite scores, k >= 0)."""
     n = imp.numel()
     if n == 0:
         return 0
     if not (mask.is_contiguous() and imp.is_contiguous()):
-        from .. import reference
+        from .. import torch_impl
 
-        return reference.prune_lowest_(mask, imp, k)
+        return torch_impl.prune_lowest_(mask, imp, k)
     dev = imp.device
     is64 = imp.dtype == torch.float64
     nbits = _nbits(imp.dtype)

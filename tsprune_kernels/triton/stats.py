@@ -2,7 +2,7 @@
 
 Stage: scoring (magnitude / Wanda statistics during calibration, EMA in the arena step). Each is one
 memory-bound pass, accumulating in fp32 (fp64 for fp64 data) whatever the input dtype; no temporary
-the size of the input (no ``x**2``, no upcast copy). Semantics as in ``tsprune_kernels.reference``.
+the size of the input (no ``x**2``, no upcast copy). Semantics as in ``tsprune_kernels.torch_impl``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import torch_impl
 from ._util import next_pow2
 
 _OPS = {"sum": 0, "mean": 1, "l2": 2, "max": 3}
@@ -50,7 +50,7 @@ def _block_reduce_kernel(x_ptr, out_ptr, n_out, block, OP: tl.constexpr, ACC64: 
 
 def block_reduce(scores: Tensor, block: int, op: str) -> Tensor:
     if scores.dtype not in _FLOATS or scores.numel() == 0:
-        return reference.block_reduce(scores, block, op)
+        return torch_impl.block_reduce(scores, block, op)
     x = scores.contiguous()
     out = torch.empty(x.shape[:-1] + (x.shape[-1] // block,), dtype=x.dtype, device=x.device)
     n_out = out.numel()
@@ -80,7 +80,7 @@ def _act_sq_kernel(x_ptr, acc_ptr, T, C, sxt, sxc, ROWS: tl.constexpr,
 def act_sq_accumulate_(x: Tensor, acc: Tensor) -> Tensor:
     """acc[j] += sum over all leading positions of x[..., j]**2, in acc's dtype, in place."""
     if x.dtype not in _FLOATS or not acc.is_contiguous() or x.numel() == 0:
-        return reference.act_sq_accumulate_(x, acc)
+        return torch_impl.act_sq_accumulate_(x, acc)
     x2 = x.reshape(-1, x.shape[-1])  # a view whenever the leading dims allow it
     T, C = x2.shape
     BC, BT, ROWS = 64, 32, 512
@@ -103,7 +103,7 @@ def ema_update_(imp: Tensor, score: Tensor, ema: float) -> Tensor:
     """In place: imp = ema * score + (1 - ema) * imp (fp64 importance: the torch path, since
     Triton scalars are fp32)."""
     if imp.dtype not in _FLOATS[:1] + _FLOATS[2:] or not (imp.is_contiguous() and score.is_contiguous()) or imp.numel() == 0:
-        return reference.ema_update_(imp, score, ema)
+        return torch_impl.ema_update_(imp, score, ema)
     n = imp.numel()
     BLOCK = 1024
     _ema_kernel[(triton.cdiv(n, BLOCK),)](imp, score, n, 1.0 - float(ema), float(ema), BLOCK=BLOCK)

@@ -1,6 +1,10 @@
-"""Pure-torch implementation of every op: the last fallback, and the tests' oracle (run in float64).
+"""The torch backend: every op in plain, vectorised torch, on any device and dtype.
 
-Everything here is plain, vectorised torch on any device and dtype. Block masks are expanded by a
+These are the kernels the ``tsprune::`` ops fall back to (registered as their
+CompositeExplicitAutograd kernels by ``_library.py``): CPU tensors without the C++ extension,
+CUDA tensors without Triton, any other device, and ``TSPRUNE_KERNELS_BACKEND=torch``. The Triton
+module calls some of them for the cases it does not cover (fp64, empty dimensions). The tests'
+float64 oracle is elsewhere (tests/kernels/_oracles.py). Block masks are expanded by a
 broadcasting view (``[..., units, block] * m[:, None]``), never by materialising a channel-level mask.
 """
 from __future__ import annotations
@@ -17,17 +21,6 @@ def apply_block_mask(t: Tensor, mask: Tensor | None, block: int) -> Tensor:
         return t
     shape = t.shape
     return (t.unflatten(-1, (mask.numel(), block)) * mask.to(t.dtype).unsqueeze(-1)).reshape(shape)
-
-
-def block_sum(t: Tensor, block: int) -> Tensor:
-    """Sum ``block`` consecutive entries of the last dim."""
-    return t.unflatten(-1, (t.shape[-1] // block, block)).sum(-1)
-
-
-def masked_linear(x, weight, bias=None, mask_in=None, mask_out=None, block_in=1, block_out=1) -> Tensor:
-    """((x * expand(mask_in)) @ weight.T + bias) * expand(mask_out), by the formula (autograd-able)."""
-    y = F.linear(apply_block_mask(x, mask_in, block_in), weight, bias)
-    return apply_block_mask(y, mask_out, block_out)
 
 
 def fold_masks(weight, bias, mask_in, mask_out, block_in, block_out):
