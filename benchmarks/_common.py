@@ -43,14 +43,21 @@ def machine() -> dict:
     return d
 
 
-def bench(cases: dict, warmup: int = 2, reps: int = 7) -> dict:
-    """Median wall time (ms) of each zero-argument callable, runs interleaved round-robin."""
-    for f in cases.values():
+def bench(cases: dict, warmup: int = 2, reps: int = 7, setup: dict | None = None) -> dict:
+    """Median wall time (ms) of each zero-argument callable, runs interleaved round-robin.
+    ``setup[k]`` (optional, untimed) runs before every call of case k, e.g.
+    ``lambda: K.set_backend("cpp")``: switching a backend is not part of what is measured."""
+    setup = setup or {}
+    for k, f in cases.items():
         for _ in range(warmup):
+            if k in setup:
+                setup[k]()
             f()
     times = {k: [] for k in cases}
     for _ in range(reps):
         for k, f in cases.items():
+            if k in setup:
+                setup[k]()
             t = time.perf_counter()
             f()
             times[k].append((time.perf_counter() - t) * 1e3)

@@ -29,6 +29,13 @@ import tsprune_kernels as K  # noqa: E402
 from tsprune_kernels import _backend  # noqa: E402
 
 
+def backends_of(cases: dict) -> dict:
+    """Untimed set-up per case for _common.bench: ``tsprune_<b>`` runs with backend b forced
+    (K.set_backend), every other case with the automatic choice."""
+    return {k: (lambda b=k[len("tsprune_"):] if k.startswith("tsprune_") else "auto": K.set_backend(b))
+            for k in cases}
+
+
 def masked_step_cases(T, k, n, zero_frac):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, k, generator=g).requires_grad_(True)
@@ -53,7 +60,6 @@ def masked_step_cases(T, k, n, zero_frac):
 
     def ours(backend):
         def f():
-            os.environ["TSPRUNE_KERNELS_BACKEND"] = backend
             x.grad = None
             K.masked_linear(x, w, b, mi_l, mo_l, grad_acc_in=acc_i, grad_acc_out=acc_o).backward(gy)
         return f
@@ -77,7 +83,6 @@ def repack_cases(layers=12, d=512, ff=2048, shapes=None):
 
     def ours(backend):
         def f():
-            os.environ["TSPRUNE_KERNELS_BACKEND"] = backend
             return K.repack(ts, rows, cols)
         return f
 
@@ -98,7 +103,6 @@ def select_cases(sizes=(4_000_000, 1_000_000, 30_000, 512)):
 
     def ours(backend):
         def f():
-            os.environ["TSPRUNE_KERNELS_BACKEND"] = backend
             return K.global_kth_smallest(ts, k)
         return f
 
@@ -120,7 +124,7 @@ def main(argv=None):
     print("tsprune_kernels:", K.__file__, "| _C:", getattr(_backend._C, "__file__", None))
     out = {"masked_step": {}, "repack": {}, "module": K.__file__}
     for zf in (0.0, 0.5):
-        r = bench(masked_step_cases(a.tokens, 512, 2048, zf), reps=a.reps)
+        r = bench(c := masked_step_cases(a.tokens, 512, 2048, zf), reps=a.reps, setup=backends_of(c))
         base = r["unmasked"]["median_ms"]
         for k, v in r.items():
             v["x_unmasked"] = v["median_ms"] / base
@@ -131,7 +135,7 @@ def main(argv=None):
             print(f"  {k:16s} {v['median_ms']:8.1f} ms  {v['x_unmasked']:.3f}x unmasked  "
                   f"autograd masks / this = {v['autograd_over_this']:.2f}")
     cases, mb = repack_cases()
-    r = bench(cases, reps=a.reps)
+    r = bench(cases, reps=a.reps, setup=backends_of(cases))
     for k, v in r.items():
         v["loop_over_this"] = r["index_select_loop"]["median_ms"] / v["median_ms"]
         v["GBps_written"] = mb / 1024 / (v["median_ms"] / 1e3)
@@ -141,21 +145,21 @@ def main(argv=None):
         print(f"  {k:18s} {v['median_ms']:8.2f} ms  loop / this = {v['loop_over_this']:.2f}")
     if a.repack_large:
         cases, mb = repack_cases(layers=24, shapes=[(2048, 512)])
-        r = bench(cases, reps=a.reps)
+        r = bench(cases, reps=a.reps, setup=backends_of(cases))
         for k, v in r.items():
             v["loop_over_this"] = r["index_select_loop"]["median_ms"] / v["median_ms"]
         out["repack_large"] = r
         print("repack, 24 tensors of 2048x512, half rows x half cols:")
         for k, v in r.items():
             print(f"  {k:18s} {v['median_ms']:8.2f} ms  loop / this = {v['loop_over_this']:.2f}")
-    r = bench(select_cases(), reps=a.reps)
+    r = bench(c := select_cases(), reps=a.reps, setup=backends_of(c))
     for k, v in r.items():
         v["cat_over_this"] = r["cat_abs_kthvalue"]["median_ms"] / v["median_ms"]
     out["select"] = r
     print("global k-th smallest |value|, 5.03M fp32 values in 4 tensors, k = n/10:")
     for k, v in r.items():
         print(f"  {k:18s} {v['median_ms']:8.2f} ms  cat / this = {v['cat_over_this']:.2f}")
-    os.environ.pop("TSPRUNE_KERNELS_BACKEND", None)
+    K.set_backend("auto")
     print("wrote", write("cpu_kernels", out))
 
 

@@ -218,11 +218,11 @@ def arena_step(n_masks: int, n_units: int, reps_ms: int = 300):
            "arena_backend": str(_backend.choose("prune_lowest_", dev))}
     out["arena_ms"] = _bench(ours, reps_ms)
     out["loop_ms"] = _bench(loop, reps_ms)
-    os.environ["TSPRUNE_KERNELS_BACKEND"] = "torch"
+    prev = K.set_backend("torch")
     try:
         out["arena_torch_backend_ms"] = _bench(ours, reps_ms)
     finally:
-        os.environ.pop("TSPRUNE_KERNELS_BACKEND", None)
+        K.set_backend(prev)
     out["speedup_vs_loop"] = out["loop_ms"] / out["arena_ms"]
     return out
 
@@ -392,7 +392,7 @@ def main(argv=None):
             print("bench_gpu --smoke needs TRITON_INTERPRET=1")
             return 2
         DEV, SMOKE = "cpu", True
-        os.environ["TSPRUNE_KERNELS_BACKEND"] = "triton"
+        K.set_backend("triton")
         for name, (d, ff, h, tps, batch) in list(MODELS.items()):
             MODELS[name] = (d // 16, ff // 16, h, 5, 3)
     elif not torch.cuda.is_available():

@@ -4,7 +4,9 @@ Public API (a stable contract; see docs/KERNELS.md for formulas and implementati
 
     masked_linear(x, weight, bias=None, mask_in=None, mask_out=None, block_in=1, block_out=1,
                   *, grad_acc_in=None, grad_acc_out=None, sq_acc_in=None, sq_acc_out=None)
-    ScoreArena(specs, device)                     flat masks / scores / accumulators of a model
+    ScoreArena(specs, device, stats=...)          flat masks / scores / statistics of a model
+    Criterion(name, stats, fn), register_criterion, get_criterion, criterion_names
+                                                   scoring rules by name or object (criteria.py)
     taylor_score, taylor2_score, fisher_score, magnitude_score, wanda_score, act_sq_accumulate_
     ema_update_(imp, score, ema)
     global_kth_smallest(tensors, k, ignore_zeros=True)
@@ -21,6 +23,7 @@ fake implementations): see ``_library.py`` and docs/KERNELS.md, "Ops and dispatc
 """
 from ._backend import backends, set_backend
 from .arena import ScoreArena, StepResult
+from .criteria import Criterion, criterion_names, get_criterion, register_criterion
 from .ops.masked_linear import masked_linear
 from .ops.repack import repack
 from .ops.scores import (
@@ -36,17 +39,21 @@ from .ops.scores import (
 from .ops.select import global_kth_smallest, prune_lowest_
 
 __all__ = [
+    "Criterion",
     "ScoreArena",
     "StepResult",
     "act_sq_accumulate_",
     "backends",
     "block_reduce",
+    "criterion_names",
     "ema_update_",
     "fisher_score",
+    "get_criterion",
     "global_kth_smallest",
     "magnitude_score",
     "masked_linear",
     "prune_lowest_",
+    "register_criterion",
     "repack",
     "set_backend",
     "taylor2_score",
