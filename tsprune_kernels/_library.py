@@ -231,8 +231,9 @@ IMPLS = {"torch": _TORCH, "cpp": _CPP, "triton": _TRITON, "cuda": {"repack": _cu
 # -- fakes (shapes and dtypes only; FakeTensor / meta / torch.compile) ---------------------------------
 
 def _fake_ml_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out, keep_zero_pre):
-    # y_pre_zero's width depends on the mask values (and the backend): a data-dependent size.
-    z = torch.library.get_ctx().new_dynamic_size()
+    # y_pre_zero's width depends on the mask values (and the backend): a data-dependent size,
+    # unless nothing is kept (what masked_linear asks for while being compiled).
+    z = torch.library.get_ctx().new_dynamic_size() if keep_zero_pre else 0
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], z))
 
 

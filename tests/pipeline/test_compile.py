@@ -96,3 +96,56 @@ def test_compiled_graph_keeps_the_ops():
     y = torch.compile(model, backend=spy_backend, fullgraph=True)(torch.randn(2, 3, 12))
     assert y.shape == (2, 3, 6)
     assert sum("tsprune.masked_linear_fwd" in s for s in seen) == 3, seen
+
+
+def test_pruner_masked_family_model_compiles_with_eager_mask_gradients(name="chronos-bolt"):
+    """A real family model with the Pruner's masks attached (some units already pruned) under
+    torch.compile (aot_eager: AOTAutograd traces forward and backward through the ops' fakes;
+    fullgraph: the whole T5 loss is one graph): the loss and every arena statistic
+    the backward adds into equal eager's, and the compiled graphs do contain the masked ops."""
+    import sys
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from test_adapters import CASES
+
+    from tsprune import Pruner
+    from tsprune.train import frozen
+
+    case = CASES[name]
+    seen: list[str] = []
+
+    def spy_aot_eager(gm, example_inputs):  # record the graph's ops, then compile as aot_eager
+        for mod in gm.modules():
+            if isinstance(mod, torch.fx.GraphModule):
+                seen.extend(str(n.target) for n in mod.graph.nodes if n.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def run(compiled: bool):
+        torch._dynamo.reset()
+        model = case.build().eval()
+        pruner = Pruner(model, criterion="taylor2", block=case.block, macro_batch_size=10**9)
+        with torch.no_grad():  # a few pruned units so the zero-unit kernel paths run
+            pruner.arena.mask[:: 7] = 0.0
+        g = torch.Generator().manual_seed(3)
+        losses = []
+        with frozen(model):
+            pruner.attach()
+            loss_fn = (lambda c, t: pruner.adapter.loss(model, c, t, **case.loss_kw))
+            if compiled:
+                loss_fn = torch.compile(loss_fn, backend=spy_aot_eager, fullgraph=True)
+            for _ in range(2):
+                ctx, tgt = case.inputs(g)
+                loss = loss_fn(ctx, tgt)
+                loss.backward()
+                losses.append(float(loss.detach()))
+            acc = pruner.arena.acc.clone()
+            pruner.detach()
+        return losses, acc
+
+    e_loss, e_acc = run(False)
+    c_loss, c_acc = run(True)
+    assert sum("tsprune.masked_linear_fwd" in t for t in seen) >= 8, "the masked Linears were not compiled"
+    assert float(e_acc.abs().sum()) > 0
+    torch.testing.assert_close(torch.tensor(c_loss), torch.tensor(e_loss), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_acc, e_acc, rtol=1e-4, atol=1e-6 * float(e_acc.abs().max()))

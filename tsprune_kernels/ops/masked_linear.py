@@ -42,7 +42,9 @@ class _MaskedLinear(torch.autograd.Function):
         # Keep y_pre of mask_out's zero units only if a backward will want the mask_out gradient
         # (grad mode on at the call, something differentiable, and a .grad or an accumulator).
         need = ctx.needs_input_grad
-        keep = (grad_on and mask_out is not None and any(need)
+        # Not while torch.compile traces: the kept width is data-dependent, which would break the
+        # graph at every masked Linear; the backward then recomputes those columns (exact too).
+        keep = (grad_on and mask_out is not None and any(need) and not torch.compiler.is_compiling()
                 and (need[4] or accs[1] is not None or accs[3] is not None))
         y2, ypz = masked_linear_fwd(x2, weight, bias, mask_in, mask_out, block_in, block_out, keep)
         ctx.save_for_backward(x2, weight, bias, y2, mask_in, mask_out, ypz)
