@@ -270,7 +270,7 @@ class ScoreArena:
     # -- scoring + pruning -----------------------------------------------------------------------
     def _criterion(self, criterion: "str | Criterion") -> Criterion:
         c = get_criterion(criterion, "ScoreArena")
-        missing = [x for x in c.stats if x not in self._seg]
+        missing = [x for x in c.stats if x not in self.stats]  # held AND fed: others would read zeros
         if missing:
             raise ValueError(f"ScoreArena: criterion {c.name!r} reads {', '.join(missing)}, which this arena "
                              f"does not hold; build it with ScoreArena(..., stats={c.name!r})")
@@ -324,7 +324,9 @@ class ScoreArena:
                     self.zero_grad_()
                     raise ValueError(f"{e}{skipped}") from None
             s = self.scores(c)
-            if check_finite and not c.reads_grads and not bool(torch.isfinite(s).all()):
+            # every criterion's score, not only the statistics: a custom rule can make NaN from
+            # finite sums, and a refused step must change nothing (no EMA, no pruning)
+            if check_finite and not bool(torch.isfinite(s).all()):
                 self.zero_grad_()
                 raise ValueError(f"ScoreArena.step: the {c.name} score contains NaN or Inf{skipped}")
             s = s.to(self.imp.dtype)

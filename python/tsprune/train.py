@@ -40,6 +40,13 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def batches(ds: WindowDataset, batch_size: int, shuffle: bool, seed: int = 0):
+    """(context [B, L], target [B, H]) float32 tensors over ``ds`` (kept for callers of the old
+    name; the loops here take ``batch_indices`` directly)."""
+    for idx in batch_indices(len(ds), batch_size, shuffle, seed):
+        yield ds.batch(idx)
+
+
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

@@ -128,3 +128,27 @@ def test_register_criterion():
         from tsprune_kernels import criteria
 
         criteria._REGISTRY.pop("neg_taylor_test", None)
+
+
+def test_step_refuses_a_criterion_whose_statistics_the_arena_does_not_collect():
+    """An arena built for taylor holds an sq segment it never fills: fisher / taylor2 would score
+    every unit 0 and prune everything; refused with the remedy instead, nothing changed."""
+    a = K.ScoreArena(SPECS, stats="taylor")
+    a.grad.copy_(torch.randn(U))
+    for crit in ("fisher", "taylor2"):
+        with pytest.raises(ValueError, match="reads sq"):
+            a.step(crit, ratio=0.5)
+    assert a.n_live() == U and a.imp.eq(0).all()
+
+
+def test_a_non_finite_custom_score_is_refused_before_the_ema():
+    """A custom rule can make NaN from finite statistics (0 / 0): the step raises naming the
+    criterion and leaves masks, importance and the step count as they were."""
+    crit = Criterion("ratio_test", ("grad", "sq"), lambda ar: ar.grad / ar.sq.sqrt())
+    a = K.ScoreArena(SPECS)
+    a.grad[: U // 2] = torch.rand(U // 2) + 0.1
+    a.sq[: U // 2] = torch.rand(U // 2) + 0.1  # the rest stays 0 / 0 = NaN
+    imp0, mask0 = a.imp.clone(), a.mask.clone()
+    with pytest.raises(ValueError, match="ratio_test score contains NaN"):
+        a.step(crit, ema=0.5, ratio=0.3)
+    assert torch.equal(a.imp, imp0) and torch.equal(a.mask, mask0)

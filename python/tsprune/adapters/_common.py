@@ -365,9 +365,12 @@ def plan_ffn(
 def refuse_repacked(model: nn.Module) -> None:
     """Sites and plans are computed on an unpruned model; a repacked one (per-layer shapes, separate
     q/k and v/o head dims, ZeroLinears) cannot be pruned again by these adapters. A repacked model
-    is recognised by its modules of tsprune's own classes (the pruned attentions of the family
-    files, ZeroLinear), whatever the family."""
-    if any(type(m).__module__.startswith(__package__ + ".") for m in model.modules()):
+    is recognised by the plan repack / load_pruned attach to it when that plan removed something
+    (``model.tsprune_plan.keep``, whatever the family, including layouts defined outside the
+    package; a saved unpruned model carries an empty one) or by modules of tsprune's own
+    classes (the pruned attentions of the family files, ZeroLinear)."""
+    if getattr(getattr(model, "tsprune_plan", None), "keep", None) or any(
+            type(m).__module__.startswith(__package__ + ".") for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} was already repacked by tsprune; prune the original model instead "
             "(re-pruning a repacked model is not supported)"
