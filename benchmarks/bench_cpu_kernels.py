@@ -114,6 +114,18 @@ def select_cases(sizes=(4_000_000, 1_000_000, 30_000, 512)):
     return cases
 
 
+def _ratio_table(cases: dict, reps: int, baseline: str, short: str, title: str) -> dict:
+    """Bench ``cases`` (each tsprune_<b> case with backend b forced), add ``<short>_over_this`` =
+    baseline median / the case's median, print the table under ``title``; returns the results."""
+    r = bench(cases, reps=reps, setup=backends_of(cases))
+    for v in r.values():
+        v[f"{short}_over_this"] = r[baseline]["median_ms"] / v["median_ms"]
+    print(title)
+    for k, v in r.items():
+        print(f"  {k:18s} {v['median_ms']:8.2f} ms  {short} / this = {v[f'{short}_over_this']:.2f}")
+    return r
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=8192)
@@ -135,30 +147,16 @@ def main(argv=None):
             print(f"  {k:16s} {v['median_ms']:8.1f} ms  {v['x_unmasked']:.3f}x unmasked  "
                   f"autograd masks / this = {v['autograd_over_this']:.2f}")
     cases, mb = repack_cases()
-    r = bench(cases, reps=a.reps, setup=backends_of(cases))
-    for k, v in r.items():
-        v["loop_over_this"] = r["index_select_loop"]["median_ms"] / v["median_ms"]
+    out["repack"] = r = _ratio_table(cases, a.reps, "index_select_loop", "loop",
+                                     "repack, 72 tensors (12 layers of Chronos-Bolt-small shapes), half rows x half cols:")
+    for v in r.values():
         v["GBps_written"] = mb / 1024 / (v["median_ms"] / 1e3)
-    out["repack"] = r
-    print("repack, 72 tensors (12 layers of Chronos-Bolt-small shapes), half rows x half cols:")
-    for k, v in r.items():
-        print(f"  {k:18s} {v['median_ms']:8.2f} ms  loop / this = {v['loop_over_this']:.2f}")
     if a.repack_large:
-        cases, mb = repack_cases(layers=24, shapes=[(2048, 512)])
-        r = bench(cases, reps=a.reps, setup=backends_of(cases))
-        for k, v in r.items():
-            v["loop_over_this"] = r["index_select_loop"]["median_ms"] / v["median_ms"]
-        out["repack_large"] = r
-        print("repack, 24 tensors of 2048x512, half rows x half cols:")
-        for k, v in r.items():
-            print(f"  {k:18s} {v['median_ms']:8.2f} ms  loop / this = {v['loop_over_this']:.2f}")
-    r = bench(c := select_cases(), reps=a.reps, setup=backends_of(c))
-    for k, v in r.items():
-        v["cat_over_this"] = r["cat_abs_kthvalue"]["median_ms"] / v["median_ms"]
-    out["select"] = r
-    print("global k-th smallest |value|, 5.03M fp32 values in 4 tensors, k = n/10:")
-    for k, v in r.items():
-        print(f"  {k:18s} {v['median_ms']:8.2f} ms  cat / this = {v['cat_over_this']:.2f}")
+        cases, _ = repack_cases(layers=24, shapes=[(2048, 512)])
+        out["repack_large"] = _ratio_table(cases, a.reps, "index_select_loop", "loop",
+                                           "repack, 24 tensors of 2048x512, half rows x half cols:")
+    out["select"] = _ratio_table(select_cases(), a.reps, "cat_abs_kthvalue", "cat",
+                                 "global k-th smallest |value|, 5.03M fp32 values in 4 tensors, k = n/10:")
     K.set_backend("auto")
     print("wrote", write("cpu_kernels", out))
 

@@ -56,6 +56,8 @@ def _atomic(path: pathlib.Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        from .checkpoint import _umask  # reads the umask without changing it (thread-safe)
+
         os.chmod(tmp, 0o666 & ~_umask())  # like any other file (mkstemp makes 0600)
         os.replace(tmp, path)
     except BaseException:
@@ -64,12 +66,6 @@ def _atomic(path: pathlib.Path, text: str) -> None:
         except OSError:
             pass
         raise
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
