@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import stat
 
 import torch
 from torch import nn
@@ -199,7 +200,12 @@ def save_pruned(
     if out.name in ("", ".", ".."):
         raise ValueError(f"save_pruned: {directory!r} does not name a directory to create")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
+    try:  # one stat: exists() then is_dir() races a concurrent writer swapping `out` (between them
+        # `out` can be briefly absent, which would read as "exists and is not a directory")
+        st = os.stat(out)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
         raise FileExistsError(f"save_pruned: {out} exists and is not a directory")
     _remove_stale(out.parent, out.name)
     tensors, aliases = _stored_tensors(model, storage_dtype)
