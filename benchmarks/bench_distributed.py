@@ -57,7 +57,7 @@ def build(name: str):
     return TimesFmModelForPrediction(TimesFmConfig(**TIMESFM_200M))
 
 
-def layout(model, residual: bool) -> dict:
+def layout(model, residual) -> dict:
     import tsprune
 
     pr = tsprune.Pruner(model, residual=residual, distributed=False)
@@ -241,7 +241,7 @@ def main(argv=None):
             layouts[name] = {
                 "params": sum(p.numel() for p in model.parameters()),
                 "default": layout(model, residual=False),
-                "residual": layout(model, residual=True),
+                "residual": layout(model, residual="paper"),
             }
             del model
             print(f"{name}: built in {time.time() - t:.1f} s; units {layouts[name]['default']['units']:,} "

@@ -10,6 +10,8 @@ Nothing here touches a weight.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from torch import nn
@@ -167,14 +169,18 @@ def _check_attrs(w, attrs: dict, model: nn.Module) -> None:
             if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
                 w.fail(fa, "not a plain attribute name")
             cur = getattr(mod, name, None) if hasattr(mod, name) else None
+            if isinstance(cur, float):  # a norm's epsilon (rescaled when residual channels go)
+                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                    w.fail(fa, f"expected a finite non-negative number, got {v!r}")
+                continue
             if hasattr(mod, name) and not _is_int(cur):
                 w.fail(fa, f"{type(mod).__name__}.{name} is not an integer size ({type(cur).__name__})")
             _int(w, fa, v, 0, cur if _is_int(cur) else _MAX)
 
 
 def _check_params(w, params: dict, model: nn.Module) -> None:
-    sd = dict(model.named_parameters())
-    total = sum(p.numel() for p in sd.values())
+    sd = dict(model.named_parameters(remove_duplicate=False))  # tied tables under every name
+    total = sum(p.numel() for p in dict(model.named_parameters()).values())
     for key, shape in params.items():
         f = f"params.{key}"
         if key not in sd:
@@ -203,8 +209,11 @@ def _check_keep(w, keep: dict, model: nn.Module, linears: dict, params: dict) ->
             w.fail(f, f"the model has no tensor {key!r}")
         spec = _dict(w, f, spec)
         for k in spec:
-            if k not in ("rows", "cols"):
-                w.fail(f"{f}.{k}", "unknown field (expected rows, cols)")
+            if k not in ("rows", "cols", "scale"):
+                w.fail(f"{f}.{k}", "unknown field (expected rows, cols, scale)")
+        sc = spec.get("scale", 1.0)
+        if not (isinstance(sc, (int, float)) and not isinstance(sc, bool) and math.isfinite(sc) and sc > 0):
+            w.fail(f"{f}.scale", f"expected a finite positive number, got {sc!r}")
         t = sd[key]
         path, _, leaf = key.rpartition(".")
         if key in params:

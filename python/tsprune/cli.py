@@ -205,8 +205,8 @@ def _prune(model, task, a, out: pathlib.Path, *, ratio=None, ema=None, seed=None
         _log(f"calibrate: {len(train):,} of {len(task.train):,} train windows per epoch (--calib-windows)")
     pruner = Pruner(model, criterion=a.criterion, ema=ema, block=a.block, heads=a.heads,
                     prune_ratio_per_epoch=ratio, macro_batch_size=a.macro_batch_size,
-                    samples_per_epoch=len(train), max_prune_ratio=a.max_prune_ratio, residual=a.residual,
-                    compact=False if a.no_compact else None)
+                    samples_per_epoch=len(train), max_prune_ratio=a.max_prune_ratio, residual=a.residual or False,
+                    layers=a.layers, compact=False if a.no_compact else None)
     _log(f"calibrate: criterion {a.criterion}, prune ratio per epoch {ratio:g}, ema {ema:g}, "
          f"macro-batch {a.macro_batch_size}, at most {a.calib_epochs} epochs, cap {a.max_prune_ratio:.0%} of units")
     t = time.time()
@@ -223,9 +223,9 @@ def _prune(model, task, a, out: pathlib.Path, *, ratio=None, ema=None, seed=None
     heat = None
     if heatmap:
         heat = (sparsity_heatmap(pruner.sites, pruner.sparsity_by_site(), out / "sparsity.png",
-                                 title=f"{task.name}: units pruned per layer / module")
+                                 title=f"{task.name}: units pruned per layer / module", points=pruner.points)
                 if D.is_main() else out / "sparsity.png")  # files: rank 0 only
-    _HEAT[id(small)] = (pruner.sites, pruner.sparsity_by_site())
+    _HEAT[id(small)] = (pruner.sites, pruner.sparsity_by_site(), pruner.points)
     frac = pruner.pruned_fraction()
     report = {
         "pruned_units_fraction": frac,
@@ -246,6 +246,13 @@ def _prune(model, task, a, out: pathlib.Path, *, ratio=None, ema=None, seed=None
         "prune_ratio_per_epoch": ratio,
         "ema": ema,
     }
+    extra = small.tsprune_plan.extra
+    if pruner.residual == "shared":  # issue 13: the stream width kept and the sub-blocks removed
+        m = pruner.masks["residual"]
+        width = m.numel() * pruner.arena.slots["residual"].block
+        report["residual_width"] = {"kept": len(extra.get("residual", range(width))), "of": width}
+    if pruner.layers:
+        report["sub_blocks_removed"] = sorted(k for k, v in extra.get("gates", {}).items() if v == 0)
     if ddp:
         report["distributed"] = {"world_size": D.world_size(), "backend": str(torch.distributed.get_backend()),
                                  **pruner.comm.stats}
@@ -409,9 +416,9 @@ def cmd_run(a) -> dict:
         r["prune"]["pruned_units_fraction"] for r in runs)
     results["nothing_pruned"] = any(r["prune"]["nothing_pruned"] for r in runs)
     if pre is None:  # the picked calibration's heatmap
-        sites, sparsity = _HEAT[id(small_pick)]
+        sites, sparsity, points = _HEAT[id(small_pick)]
         rep["heatmap"] = str(sparsity_heatmap(sites, sparsity, out / "sparsity.png",
-                                              title=f"{task.name}: units pruned per layer / module"))
+                                              title=f"{task.name}: units pruned per layer / module", points=points))
     _HEAT.clear()
     del small_pick
     zp = results["zero_shot"]["params"]
@@ -634,8 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--val-tolerance", type=nonneg, default=0.001,
                        help="keep the latest masks whose val loss is within this relative tolerance of the best "
                             "(0: keep the best)")
-        g.add_argument("--residual", action="store_true",
-                       help="also mask residual-stream sides (paper behaviour; those zeros stay as zero weights)")
+        g.add_argument("--residual", nargs="?", const="shared", choices=("shared", "paper"), default=None,
+                       help="also prune the residual stream: 'shared' (the default with the flag alone): one mask "
+                            "over the stream, removed from the whole model by repack (T5 / TimesFM families); "
+                            "'paper': the paper's per-Linear residual masks, whose zeros stay as zero weights")
+        g.add_argument("--layers", action="store_true",
+                       help="also prune whole sub-blocks: one gate per attention / FFN sub-block; a gated-off "
+                            "sub-block is removed by repack (T5 / TimesFM families)")
         g.add_argument("--no-compact", action="store_true",
                        help="calibrate on the full-size masked model (default: after every macro-step that "
                             "prunes, the model is shrunk to its live units, exactly; pruned units cost nothing)")

@@ -58,6 +58,61 @@ def _masked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     )
 
 
+class _ScaleChannels(torch.autograd.Function):
+    """y = x * expand(m) over the last dim (m [units], each entry covering ``block`` channels);
+    backward adds d loss / d m = per-unit sums of gy * x (fp32; fp64 for fp64 x) into ``acc``.
+    Saved for backward: x and m. A gate is 1 unit whose block is the whole width."""
+
+    @staticmethod
+    def forward(ctx, x, m, block, acc):
+        ctx.save_for_backward(x, m)
+        ctx.block, ctx.acc = block, acc
+        return x * m.to(x.dtype).repeat_interleave(block)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, m = ctx.saved_tensors
+        acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dx = gy * m.to(gy.dtype).repeat_interleave(ctx.block)
+        dm = (gy.to(acc_t) * x.to(acc_t)).reshape(-1, m.numel(), ctx.block).sum((0, 2))
+        if ctx.acc is not None:
+            ctx.acc.add_(dm.to(ctx.acc.dtype))
+        # with an accumulator the sum goes there only (as masked_linear does); else to m's .grad
+        return dx, (dm.to(m.dtype) if ctx.needs_input_grad[1] and ctx.acc is None else None), None, None
+
+
+def scale_channels(x: torch.Tensor, m: torch.Tensor, block: int, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., units * block] * expand(m); the mask gradient is added into ``acc`` [units] if given."""
+    if x.shape[-1] != m.numel() * block:
+        raise ValueError(f"scale_channels: x has {x.shape[-1]} channels, mask covers {m.numel()} x {block}")
+    return _ScaleChannels.apply(x, m, block, acc)
+
+
+_HOOKS = "_tsprune_hooks"
+
+
+def attach_point(module: nn.Module, where: str, mask: torch.Tensor, block: int, acc: torch.Tensor | None) -> None:
+    """Hook a Point's mask on ``module``: ``where`` "input" scales its first input (positional or
+    ``hidden_states``), "output" its output (the first element of a tuple). ``detach`` removes it."""
+    if where == "input":
+        def pre(mod, args, kwargs):
+            if args:
+                return (scale_channels(args[0], mask, block, acc), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": scale_channels(kwargs["hidden_states"], mask, block, acc)}
+
+        h = module.register_forward_pre_hook(pre, with_kwargs=True)
+    elif where == "output":
+        def post(mod, args, out):
+            if isinstance(out, tuple):
+                return (scale_channels(out[0], mask, block, acc), *out[1:])
+            return scale_channels(out, mask, block, acc)
+
+        h = module.register_forward_hook(post)
+    else:
+        raise ValueError(f"attach_point: where must be 'input' or 'output', got {where!r}")
+    module.__dict__.setdefault(_HOOKS, []).append(h.id)
+
+
 def attach(module: nn.Linear, binding: MaskBinding) -> None:
     if not isinstance(module, nn.Linear):
         raise TypeError(f"masks go on nn.Linear modules, got {type(module).__name__}")
@@ -69,6 +124,10 @@ def detach(module: nn.Module) -> None:
     if hasattr(module, _ATTR):
         delattr(module, _ATTR)
         del module.forward  # falls back to the class's forward
+    for hid in module.__dict__.pop(_HOOKS, ()):  # by id: also right on a deepcopy of a hooked model
+        module._forward_pre_hooks.pop(hid, None)
+        module._forward_pre_hooks_with_kwargs.pop(hid, None)
+        module._forward_hooks.pop(hid, None)
 
 
 def attach_masks(model: nn.Module, sites: list[Site], masks: dict[str, torch.Tensor]) -> None:
@@ -90,5 +149,11 @@ def detach_masks(model: nn.Module) -> None:
         detach(m)
 
 
+def attach_points(model: nn.Module, points, masks: dict[str, torch.Tensor]) -> None:
+    """Plain hook-based masks without accumulators (for users and tests): masks[point.name]."""
+    for pt in points:
+        attach_point(model.get_submodule(pt.path), pt.where, masks[pt.name], pt.block, None)
+
+
 def is_masked(model: nn.Module) -> bool:
-    return any(hasattr(m, _ATTR) for m in model.modules())
+    return any(hasattr(m, _ATTR) or m.__dict__.get(_HOOKS) for m in model.modules())

@@ -10,9 +10,12 @@ import pathlib
 from .adapters.base import Site
 
 
-def sparsity_grid(sites: list[Site], sparsity: dict[str, float]) -> tuple[list[str], list[str], list[list[float]]]:
+def sparsity_grid(sites: list[Site], sparsity: dict[str, float], points=()) -> tuple[list[str], list[str], list[list[float]]]:
     """(layers, columns, values): rows = layers in model order, columns = '<kind>.<side>' in order
-    of first appearance; NaN where a layer has no such mask."""
+    of first appearance; NaN where a layer has no such mask. With ``points`` (Pruner.points): a
+    '<kind>.gate' column per sub-block kind (1 = the sub-block was removed) and a 'residual' row
+    whose 'residual' cell is the fraction of the stream width removed; the shared residual mask is
+    not repeated in the per-Linear columns."""
     layers: list[str] = []
     cols: list[str] = []
     cell: dict[tuple[str, str], float] = {}
@@ -20,25 +23,33 @@ def sparsity_grid(sites: list[Site], sparsity: dict[str, float]) -> tuple[list[s
         if s.layer not in layers:
             layers.append(s.layer)
         for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
-            if spec is None:
+            if spec is None or s.mask_name(side) == "residual":
                 continue
             c = f"{s.kind}.{side}"
             if c not in cols:
                 cols.append(c)
             cell[(s.layer, c)] = sparsity.get(s.mask_name(side), float("nan"))
+    for pt in points:
+        if pt.layer not in layers:
+            layers.append(pt.layer)
+        if pt.kind not in cols:
+            cols.append(pt.kind)
+        cell[(pt.layer, pt.kind)] = sparsity.get(pt.name, float("nan"))
+    layers = [l for l in layers if any((l, c) in cell for c in cols)]
     grid = [[cell.get((l, c), float("nan")) for c in cols] for l in layers]
     return layers, cols, grid
 
 
-def sparsity_heatmap(sites: list[Site], sparsity: dict[str, float], path, title: str = "") -> pathlib.Path:
-    """Write a PNG heatmap of the fraction of units pruned per layer (rows) and module type (columns)."""
+def sparsity_heatmap(sites: list[Site], sparsity: dict[str, float], path, title: str = "", points=()) -> pathlib.Path:
+    """Write a PNG heatmap of the fraction of units pruned per layer (rows) and module type (columns);
+    with ``points``, the sub-block gates and the residual width too (see sparsity_grid)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    layers, cols, grid = sparsity_grid(sites, sparsity)
+    layers, cols, grid = sparsity_grid(sites, sparsity, points)
     data = np.array(grid, dtype=float)
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cols) + 2), max(3, 0.4 * len(layers) + 1.5)))
     im = ax.imshow(np.ma.masked_invalid(data), vmin=0, vmax=1, cmap="viridis", aspect="auto")

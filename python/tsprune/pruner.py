@@ -24,10 +24,10 @@ from torch import nn
 import tsprune_kernels as K
 
 from .adapters import get_adapter
-from .adapters.base import Adapter, Site
+from .adapters.base import Adapter, Point, Site
 from .criteria import Criterion, criterion_names, get_criterion
-from .masking import MaskBinding, attach, detach_masks
-from .repack import load_exact, repack_model
+from .masking import MaskBinding, attach, attach_point, detach_masks
+from .repack import gather_planned, load_exact, repack_model
 
 #: the built-in criteria's names (criterion_names() also lists those registered later)
 CRITERIA = criterion_names()
@@ -53,9 +53,19 @@ class Pruner:
                Units whose importance is exactly 0 (they change nothing the loss sees, e.g. dead
                ReLU channels) are removed at every step whatever the cap and the ratio (docs/METHOD.md, "Stage 1"),
                so the pruned fraction can end above the cap, and ratio 0 can still prune.
-    residual:  also mask the residual-stream side of every Linear (q/k/v/up in, o/down out), as the
-               paper does. Those zeros stay as zero weights after repack (no saving), so by default
-               they are left out and the whole budget goes to units that are physically removed.
+    residual:  False (default): the residual stream is not pruned. True / "shared": ONE mask
+               ``masks["residual"]`` (d_model / block units) on the stream, shared by every place
+               it acts (where it enters the blocks, q/k/v/up inputs, o/down outputs, output heads),
+               scored with the sum of those gradients and removed physically by repack (norms
+               rescaled exactly; refused with the reason for families where it cannot be exact).
+               "paper": the paper's independent per-Linear residual masks, whose zeros stay as zero
+               weights after repack (no saving; for reproducing the paper).
+    layers:    one gate unit per sub-block (every attention and FFN), mask ``<sub-block path>.gate``;
+               a gated-off sub-block adds exactly zero to the stream and repack removes all its
+               weights. Residual and gate units remove many parameters each: their score is divided
+               by the parameters one unit removes, relative to the average inner unit
+               (``pruner.unit_scale``; docs/METHOD.md "Residual width and sub-blocks"). Both need a
+               criterion reading only gradients (taylor) and run without compaction for now.
     distributed: data-parallel calibration (tsprune.distributed): each macro-step all-reduces the
                flat accumulators once before scoring and takes rank 0's masks after pruning. None
                (default): on when a torch.distributed process group with > 1 rank is initialised.
@@ -79,12 +89,17 @@ class Pruner:
         macro_batch_size: int = 8192,
         samples_per_epoch: int | None = None,
         max_prune_ratio: float = 0.9,
-        residual: bool = False,
+        residual: bool | str = False,
         adapter: Adapter | None = None,
         distributed: bool | None = None,
         compact: bool | None = None,
+        layers: bool = False,
     ):
         criterion = get_criterion(criterion, "Pruner")
+        modes = {False: None, None: None, True: "shared", "shared": "shared", "paper": "paper"}
+        if not isinstance(residual, (bool, str, type(None))) or residual not in modes:
+            raise ValueError(f"Pruner: residual must be False, True, 'shared' or 'paper', got {residual!r}")
+        mode = modes[residual]
         if not 0.0 <= ema <= 1.0:
             raise ValueError(f"Pruner: ema must be in [0, 1], got {ema}")
         if not 0.0 <= prune_ratio_per_epoch <= 1.0:
@@ -96,7 +111,7 @@ class Pruner:
         self.model = model
         self.adapter = adapter or get_adapter(model, block=block, heads=heads)
         sites = self.adapter.sites(model)
-        if not residual:
+        if mode is None:
             sites = [
                 dataclasses.replace(
                     s,
@@ -106,8 +121,27 @@ class Pruner:
                 for s in sites
             ]
             sites = [s for s in sites if s.mask_in is not None or s.mask_out is not None]
+        elif mode == "shared":  # every stream side reads the one "residual" mask
+            sites = [dataclasses.replace(s, name_in="residual" if s.residual_in else None,
+                                         name_out="residual" if s.residual_out else None) for s in sites]
+        points: list[Point] = []
+        if mode == "shared" or layers:
+            extra, points = self.adapter.extra_units(model, residual=mode == "shared", layers=bool(layers))
+            sites = sites + extra
+            if criterion.stats != ("grad",):
+                raise ValueError(
+                    f"Pruner: criterion {criterion.name!r} reads {', '.join(criterion.stats)}; residual=True and "
+                    "layers=True support criteria reading only 'grad' (taylor): a shared mask's per-sample squares "
+                    "and weight norms would be per place, not of the whole unit"
+                )
+            if compact:
+                raise ValueError("Pruner: compact=True is not available with residual=True or layers=True yet; "
+                                 "use compact=False (calibrate then runs the masked model)")
+            compact = False
         self.sites: list[Site] = sites
-        self.residual = residual
+        self.points: list[Point] = points
+        self.residual = mode or False
+        self.layers = bool(layers)
         self.criterion = criterion
         self.ema = ema
         self.prune_ratio_per_epoch = prune_ratio_per_epoch
@@ -115,12 +149,16 @@ class Pruner:
         self.samples_per_epoch = samples_per_epoch
         self.max_prune_ratio = max_prune_ratio
         device = next(model.parameters()).device
-        specs = []
-        for s in self.sites:
-            for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
-                if spec is not None:
-                    specs.append((s.mask_name(side), spec.units, spec.block))
+        specs: dict[str, tuple[int, int]] = {}
+        units = [(s.mask_name(side), spec.units, spec.block) for s in self.sites
+                 for side, spec in (("in", s.mask_in), ("out", s.mask_out)) if spec is not None]
+        for name, u, b in units + [(pt.name, pt.units, pt.block) for pt in points]:
+            if specs.setdefault(name, (u, b)) != (u, b):  # a shared mask must mean the same everywhere
+                raise ValueError(f"Pruner: mask {name!r} is {specs[name]} units x block in one place, {(u, b)} in another")
         self.arena = K.ScoreArena(specs, device=device, stats=criterion.stats)
+        self.unit_scale: torch.Tensor | None = None  # [U] score multiplier (None: all 1)
+        if points or mode == "shared":
+            self.unit_scale = self._unit_scale(device)
         from . import distributed as D
 
         self.comm = D.ArenaSync() if (D.is_dist() if distributed is None else distributed) else None
@@ -134,6 +172,17 @@ class Pruner:
         self._attached = False
         if compact:
             self.enable_compaction()
+
+    def _unit_scale(self, device) -> torch.Tensor:
+        """1 for inner units; p_inner / p_unit for the shared residual mask and the gates, p being
+        the parameters one unit removes (adapter.unit_params): their Taylor score, the loss change of
+        removing the unit, is then per average inner unit's worth of parameters."""
+        par = self.adapter.unit_params(self.model, self.sites, self.points)
+        scale = torch.ones(self.arena.n_units)
+        for name, slot in self.arena.slots.items():
+            if name in par:
+                scale[slot.offset : slot.offset + slot.units] = par["inner"] / par[name]
+        return scale.to(device)
 
     # -- masks on the model ----------------------------------------------------------------------
     @property
@@ -171,6 +220,9 @@ class Pruner:
             if self.criterion.needs_act and s.mask_in is not None:
                 b.act_sq = a.act_view(s.mask_name("in"))  # one entry per input channel
             attach(lin, b)
+        for pt in self.points:
+            attach_point(self.model.get_submodule(pt.path), pt.where, a.mask_view(pt.name), pt.block,
+                         a.grad_view(pt.name))
         return self
 
     def _mark_act(self) -> None:
@@ -239,16 +291,9 @@ class Pruner:
         detach_masks(self.model)
         new = copy.deepcopy(self._orig)
         sd = new.state_dict()
-        keys = list(plan.keep)
-        gathered = K.repack(
-            [sd[k] for k in keys],
-            [None if plan.keep[k].get("rows") is None else torch.as_tensor(plan.keep[k]["rows"], dtype=torch.long)
-             for k in keys],
-            [None if plan.keep[k].get("cols") is None else torch.as_tensor(plan.keep[k]["cols"], dtype=torch.long)
-             for k in keys],
-        )
+        gathered = gather_planned(sd, plan)
         self.adapter.apply_plan(new, plan)
-        load_exact(new, {**sd, **dict(zip(keys, gathered))})
+        load_exact(new, {**sd, **gathered})
         new.to(dev)
         for p_ in new.parameters():
             p_.requires_grad_(False)
@@ -321,7 +366,15 @@ class Pruner:
         if self.comm is not None:  # one flat all-reduce of the arena's sums, before scoring
             self.comm.reduce_(a)
         # the arena caps k so that at least floor_live units stay (zero-score units still go)
-        res = a.step(self.criterion, self.ema, ratio=r, min_live=floor_live)
+        if self.unit_scale is None:
+            res = a.step(self.criterion, self.ema, ratio=r, min_live=floor_live)
+        else:  # residual / gate units: scores per average inner unit's parameters
+            try:
+                a.check_finite()
+            except ValueError:
+                a.zero_grad_()
+                raise
+            res = a.step(ratio=r, min_live=floor_live, ema=self.ema, score=a.scores(self.criterion) * self.unit_scale)
         if self.comm is not None:  # every rank takes rank 0's masks: they can never diverge
             self.comm.sync_state_(a)
             after = a.n_live()
@@ -375,7 +428,7 @@ class Pruner:
         the pruned model carries its plan as ``model.tsprune_plan``. The original is untouched."""
         masks = {n: m.detach().clone() for n, m in self.masks.items()}
         if self._phys is None:
-            new, plan = repack_model(self.model, self.adapter, self.sites, masks)
+            new, plan = repack_model(self.model, self.adapter, self.sites, masks, self.points)
         else:  # from the original weights (repack_model copies them itself), exactly as without compaction
             new, plan = repack_model(self._orig, self.adapter, self.sites, {n: m.cpu() for n, m in masks.items()})
             new.to(_device_of(self.model)).train(self.model.training)

@@ -17,7 +17,7 @@ import tsprune_kernels as K
 from .adapters.base import Adapter, Plan, Site
 from .masking import detach_masks
 
-__all__ = ["fold_masks_", "repack_model", "load_exact"]
+__all__ = ["fold_masks_", "fold_points_", "gather_planned", "repack_model", "load_exact"]
 
 
 @torch.no_grad()
@@ -38,24 +38,25 @@ def fold_masks_(model: nn.Module, sites: list[Site], masks: dict[str, torch.Tens
             w.mul_(m[None, :])
 
 
-def _index(v, device) -> torch.Tensor | None:
-    if v is None:
-        return None
-    return torch.as_tensor(v, dtype=torch.long, device=device)
-
-
 @torch.no_grad()
-def repack_model(
-    model: nn.Module, adapter: Adapter, sites: list[Site], masks: dict[str, torch.Tensor]
-) -> tuple[nn.Module, Plan]:
-    """A new, physically smaller model computing what ``model`` masked by ``masks`` computes.
+def fold_points_(model: nn.Module, points, masks: dict[str, torch.Tensor]) -> None:
+    """A gate's value g into its ``fold`` module (weight and bias x g): the sub-block's contribution
+    is linear in that module's output, so the unmasked model computes what the gated one did.
+    Stream entries need nothing: their mask must be 0/1 (the plan checks)."""
+    for pt in points:
+        if pt.fold is None or pt.name not in masks:
+            continue
+        g = masks[pt.name].reshape(-1)
+        mod = model.get_submodule(pt.fold)
+        for name in ("weight", "bias"):
+            t = getattr(mod, name, None)
+            if isinstance(t, torch.Tensor):
+                t.mul_(g.to(t.dtype)[0])
 
-    ``model`` is left as it was (masks attached or not). Returns (new_model, plan)."""
-    plan = adapter.plan(model, masks, sites=sites)
-    new = copy.deepcopy(model)
-    detach_masks(new)
-    fold_masks_(new, sites, masks)
-    sd = new.state_dict()
+
+def gather_planned(sd: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    """Every tensor the plan changes, gathered in ONE tsprune_kernels.repack call (and multiplied by
+    the entry's "scale", e.g. a norm weight after residual channels went): key -> new tensor."""
     keys = list(plan.keep)
     missing = [k for k in keys if k not in sd]
     if missing:
@@ -66,8 +67,36 @@ def repack_model(
         [_index(plan.keep[k].get("rows"), dev) for k in keys],
         [_index(plan.keep[k].get("cols"), dev) for k in keys],
     )
+    out = {}
+    for k, t in zip(keys, gathered):
+        sc = plan.keep[k].get("scale")
+        out[k] = t * sc if sc is not None else t
+    return out
+
+
+def _index(v, device) -> torch.Tensor | None:
+    if v is None:
+        return None
+    return torch.as_tensor(v, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def repack_model(
+    model: nn.Module, adapter: Adapter, sites: list[Site], masks: dict[str, torch.Tensor], points=()
+) -> tuple[nn.Module, Plan]:
+    """A new, physically smaller model computing what ``model`` masked by ``masks`` computes.
+
+    points: the Pruner's hook masks (residual stream entries, sub-block gates; adapters.base.Point).
+    ``model`` is left as it was (masks attached or not). Returns (new_model, plan)."""
+    plan = adapter.plan(model, masks, sites=sites)
+    new = copy.deepcopy(model)
+    detach_masks(new)
+    fold_masks_(new, sites, masks)
+    fold_points_(new, points, masks)
+    sd = new.state_dict()
+    gathered = gather_planned(sd, plan)
     adapter.apply_plan(new, plan)
-    load_exact(new, {**sd, **dict(zip(keys, gathered))})
+    load_exact(new, {**sd, **gathered})
     new.tsprune_plan = plan  # save_pruned(new, dir) then writes this plan
     return new, plan
 

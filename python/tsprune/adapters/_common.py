@@ -342,9 +342,12 @@ def plan_ffn(
     up: str,
     down: str,
     gate: str | None = None,
+    residual: list[int] | None = None,
+    dead: bool = False,
 ) -> list[int]:
     """Coupled FFN channels into the plan. Without ``gate``: down(act(up x)); with it:
-    down(act(gate x) * up x). Returns the kept channels."""
+    down(act(gate x) * up x). residual: kept stream channels (up / gate columns, down rows; None =
+    all); dead: the sub-block is gated off (no channel is kept). Returns the kept channels."""
     a0 = act_at_zero(act) != 0
     ld = linear_live(model, sites[down], masks)
     lu = linear_live(model, sites[up], masks)
@@ -355,10 +358,12 @@ def plan_ffn(
         lg = linear_live(model, sites[gate], masks)
         alive = ld.inp & lu.out & (lg.out | a0)
         ups = {gate: lg, up: lu}
+    if dead:
+        alive = torch.zeros_like(alive)
     keep = plan_channels(alive)
     for path, live in ups.items():
-        pb.linear(model, path, keep, None, zero=not bool(live.inp.any()))
-    pb.linear(model, down, None, keep, zero=not bool(ld.inp.any()))
+        pb.linear(model, path, keep, residual, zero=dead or not bool(live.inp.any()))
+    pb.linear(model, down, residual, keep, zero=dead or not bool(ld.inp.any()))
     return keep
 
 

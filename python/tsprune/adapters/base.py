@@ -55,9 +55,33 @@ class Site:
     kind: str
     residual_in: bool = False
     residual_out: bool = False
+    name_in: str | None = None  # a shared mask's name on that side (e.g. "residual"); None: own mask
+    name_out: str | None = None
 
     def mask_name(self, side: str) -> str:
-        return f"{self.path}.{side}"
+        own = self.name_in if side == "in" else self.name_out
+        return own or f"{self.path}.{side}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """A mask applied by a hook on a module rather than on a Linear's sides.
+
+    name:  mask name (several points may share one, e.g. every entry of the residual stream);
+    path:  the module; where: "input" scales its first input channel-wise (the residual stream as
+           it enters the blocks), "output" scales its output (the first element of a tuple);
+    units x block: the mask (a sub-block gate is 1 unit covering the whole width);
+    fold:  for gates, the module whose weight / bias absorb the gate's value on repack (the last
+           map linear in the gate: o / down, or a post-norm); layer / kind: heatmap row / column."""
+
+    name: str
+    path: str
+    where: str
+    units: int
+    block: int
+    layer: str
+    kind: str
+    fold: str | None = None
 
 
 @dataclass
@@ -136,6 +160,20 @@ class Adapter:
 
     def apply_plan(self, model: nn.Module, plan: Plan) -> None:
         """Restructure ``model`` in place to ``plan``'s shapes (values undefined afterwards)."""
+        raise NotImplementedError
+
+    def extra_units(self, model: nn.Module, *, residual: bool, layers: bool) -> tuple[list[Site], list[Point]]:
+        """The units of issue 13 a family declares: with ``residual``, Linears that read the
+        residual stream outside the blocks (output heads; sites with a shared "residual" input mask)
+        and the points where the stream enters the blocks; with ``layers``, one gate Point per
+        removable sub-block. Raises ValueError naming why the family cannot have them."""
+        raise ValueError(f"{self.family or type(self).__name__}: this family declares no residual stream "
+                         "or sub-blocks (--residual / --layers are not available for it)")
+
+    def unit_params(self, model: nn.Module, sites: list[Site], points: list[Point]) -> dict[str, float]:
+        """Parameters one unit of each mask removes, for the masks whose units are not comparable
+        with inner channels (the shared residual mask, gates); key "inner": the average over the
+        inner units. Only called when such masks exist."""
         raise NotImplementedError
 
     # -- the model's own objective -------------------------------------------------------------

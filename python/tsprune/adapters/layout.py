@@ -26,6 +26,7 @@ order), so saved models load unchanged.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,9 +43,10 @@ from ._common import (
     plan_ffn,
     plan_heads,
     refuse_repacked,
+    residual_spec,
     resolve_block,
 )
-from .base import Adapter, Plan, Site
+from .base import Adapter, Plan, Point, Site
 
 #: quantities an attention's ``sizes`` may name (values written to plan.attrs)
 SIZES = ("heads", "qk_dim", "v_dim", "qk_inner", "orig_qk_dim")
@@ -82,10 +84,19 @@ class Attention:
     qk_full: bool = False
     rope: RoPE | None = None
     head_params: tuple[str, ...] = ()
+    gate_at: str | None = None  # module whose output[0] is the sub-block's residual contribution (default: path)
+    gate_fold: str | None = None  # module absorbing a gate value on repack (default: the o Linear)
 
     def linear(self, role: str) -> str:
         """Path of the ``role`` ("q", "k", "v" or "o") Linear."""
         return f"{self.path}.{self.proj['qkvo'.index(role)]}"
+
+    def linears(self) -> list[str]:
+        return [self.linear(r) for r in "qkvo"]
+
+    def gate_point(self, layer: str, width: int) -> "Point":
+        return Point(f"{self.path}.gate", self.gate_at or self.path, "output", 1, width, layer,
+                     f"{self.kind}.gate", self.gate_fold or self.linear("o"))
 
 
 @dataclass(frozen=True)
@@ -98,10 +109,19 @@ class FFN:
     down: tuple[str, str]
     act: Callable[[torch.Tensor], torch.Tensor]
     gate: tuple[str, str] | None = None
+    gate_at: str | None = None  # module whose output is the sub-block's residual contribution (default: path)
+    gate_fold: str | None = None  # module absorbing a gate value on repack (default: the down Linear)
 
     def ups(self) -> dict[str, str]:
         """kind -> path of the projections into the hidden channels, in site order (gate first)."""
         return dict([self.gate, self.up] if self.gate else [self.up])
+
+    def linears(self) -> list[str]:
+        return [*self.ups().values(), self.down[1]]
+
+    def gate_point(self, layer: str, width: int) -> "Point":
+        return Point(f"{self.path}.gate", self.gate_at or self.path, "output", 1, width, layer, "ffn.gate",
+                     self.gate_fold or self.down[1])
 
 
 @dataclass(frozen=True)
@@ -133,14 +153,72 @@ class Block:
 
 
 @dataclass(frozen=True)
+class Norm:
+    """A norm over the residual stream: ``path`` holds ``weight`` [d] (and maybe ``bias``), ``eps``
+    names its epsilon attribute. RMS norms (mean False) stay exact when channels go: weight x
+    sqrt(d / d'), epsilon x d / d'. A norm that subtracts a mean (mean True) cannot: residual
+    pruning is refused for the family."""
+
+    path: str
+    eps: str = "variance_epsilon"
+    mean: bool = False
+
+
+class WideLayerNorm(nn.LayerNorm):
+    """A LayerNorm that lost stream channels which were zeros in the masked model: mean and variance
+    over the ORIGINAL width ``full_width`` (the removed channels count as zeros), so its kept outputs
+    are exactly the masked model's. Exact where every reader of its output drops the removed
+    channels, as every reader of the stream does (the masked model masks their inputs)."""
+
+    full_width: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d, n = self.full_width, x.shape[-1]
+        xf = x if x.dtype == torch.float64 else x.float()
+        mu = xf.sum(-1, keepdim=True) / d
+        var = ((xf - mu).square().sum(-1, keepdim=True) + (d - n) * mu.square()) / d
+        y = ((xf - mu) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+@dataclass(frozen=True)
+class Residual:
+    """The residual stream of width ``width`` (issue 13: one shared mask, removed physically).
+
+    entries: modules whose first input is the stream as it enters the blocks (the mask scales it
+             there; everything before is what writes it); writers: Linears whose output rows are
+             stream channels outside the blocks (input projections); embeddings: nn.Embedding
+             modules writing stream channels (their columns go); readers: Linears reading the
+             stream outside the blocks (output heads; their columns go); norms: every norm over the
+             stream. Inside the blocks, q/k/v/up inputs and o/down outputs are stream sides.
+    refuse:  why removal is not exact for this model (then --residual raises with it)."""
+
+    width: int
+    entries: tuple[str, ...]
+    writers: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
+    embeddings: tuple[str, ...] = ()
+    norms: tuple[Norm, ...] = ()
+    refuse: str | None = None
+    computed: tuple[str, ...] = ()  # modules computing a width-d output without weights (sinusoids)
+
+
+@dataclass(frozen=True)
 class Layout:
     """A family's structure. attention_cls: the class a restructured attention takes (a subclass
     of the model's own attention class whose forward accepts per-layer q/k and v/o head dims);
-    extra: the keys of ``plan.extra``, in order."""
+    extra: the keys of ``plan.extra``, in order; residual: the residual stream (None: the family
+    declares none, so --residual is refused); gates: whether sub-blocks carry gates (--layers)."""
 
     blocks: tuple[Block, ...]
     attention_cls: type | None = None
     extra: tuple[str, ...] = ("heads", "ffn")
+    residual: Residual | None = None
+    gates: bool = False
 
     def attentions(self) -> dict[str, Attention]:
         return {a.path: a for b in self.blocks for a in b.attentions}
@@ -230,29 +308,84 @@ def layout_plan(layout: Layout, model: nn.Module, masks: dict[str, torch.Tensor]
             by_path.setdefault(path, Site(path, None, None, blk.layer, ""))
     plan = Plan(family=family, extra={k: {} for k in layout.extra})
     pb = PlanBuilder(plan)
+    rk = _residual_keep(layout, masks)  # kept stream channels (None: the stream keeps its width)
+    gates = {}
     kept: dict[str, list[int]] = {}
     for blk in layout.blocks:
         for a in blk.attentions:
-            kept[a.path] = _plan_attention(model, pb, plan, by_path, masks, a)
+            dead = _gate_off(masks, a.path, gates)
+            kept[a.path] = _plan_attention(model, pb, plan, by_path, masks, a, rk, dead)
         for f in blk.ffns:
+            dead = _gate_off(masks, f.path, gates)
             keep = plan_ffn(model, pb, by_path, masks, act=f.act, up=f.up[1], down=f.down[1],
-                            gate=f.gate[1] if f.gate else None)
+                            gate=f.gate[1] if f.gate else None, residual=rk, dead=dead)
+            if dead:
+                _drop_bias(plan, f.down[1])
             plan.extra["ffn"][f.path] = len(keep)
         for t in blk.tables:
             _plan_table(model, pb, plan, t, kept)
+    if rk is not None:
+        _plan_residual(model, pb, plan, layout.residual, rk)
+    if gates:
+        plan.extra["gates"] = gates
     return plan
 
 
-def _plan_attention(model, pb: PlanBuilder, plan: Plan, by_path, masks, a: Attention) -> list[int]:
+def _residual_keep(layout: Layout, masks: dict[str, torch.Tensor]) -> list[int] | None:
+    m = masks.get("residual")
+    if m is None:
+        return None
+    r = layout.residual
+    if r is None:
+        raise ValueError("plan: a 'residual' mask was given, but this family declares no residual stream")
+    if r.refuse:
+        raise ValueError(f"residual pruning is not available for this model: {r.refuse}")
+    m = m.detach().reshape(-1).to("cpu")
+    if m.numel() < 1 or r.width % m.numel():
+        raise ValueError(f"mask residual has {m.numel()} entries, which do not divide the stream width {r.width}")
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("mask residual must hold only 0 and 1 to repack: a fractional value scales the stream "
+                         "that the norms see, which no weight can absorb exactly")
+    keep = torch.nonzero((m != 0).repeat_interleave(r.width // m.numel())).reshape(-1).tolist()
+    if not keep:
+        raise ValueError("mask residual removes every channel of the residual stream; keep at least one")
+    return None if len(keep) == r.width else keep
+
+
+def _gate_off(masks: dict[str, torch.Tensor], path: str, gates: dict) -> bool:
+    g = masks.get(f"{path}.gate")
+    if g is None:
+        return False
+    if g.numel() != 1:
+        raise ValueError(f"mask {path}.gate has {g.numel()} entries, expected 1")
+    off = float(g.reshape(-1)[0]) == 0.0
+    gates[path] = 0 if off else 1
+    return off
+
+
+def _drop_bias(plan: Plan, path: str) -> None:
+    # a gated-off sub-block's last map is a ZeroLinear; its (folded, zero) bias need not be kept
+    plan.linears[path]["bias"] = False
+    plan.keep.pop(f"{path}.bias", None)
+
+
+def _plan_attention(model, pb: PlanBuilder, plan: Plan, by_path, masks, a: Attention,
+                    rk: list[int] | None = None, dead: bool = False) -> list[int]:
     lq, lk, lv, lo = (linear_live(model, by_path[a.linear(r)], masks) for r in "qkvo")
-    hp = plan_heads(a.n_heads, a.head_dim, lq.out & lk.out, lv.out & lo.inp, qk_full=a.qk_full)
+    if dead:  # gated off: the sub-block adds exactly zero, every head goes
+        none = torch.zeros(a.n_heads * a.head_dim, dtype=torch.bool)
+        hp = plan_heads(a.n_heads, a.head_dim, none, none, qk_full=a.qk_full)
+    else:
+        hp = plan_heads(a.n_heads, a.head_dim, lq.out & lk.out, lv.out & lo.inp, qk_full=a.qk_full)
     qk_rows, qk_dim = hp.qk_rows, hp.qk_dim
     if a.rope is not None:
         qk_rows, qk_dim, plan.extra["rope_pairs"][a.path] = _rope_rows(a, lq.out, lk.out, hp.heads)
-    pb.linear(model, a.linear("q"), qk_rows, None, zero=not bool(lq.inp.any()))
-    pb.linear(model, a.linear("k"), qk_rows, None, zero=not bool(lk.inp.any()))
-    pb.linear(model, a.linear("v"), hp.v_rows, None, zero=not bool(lv.inp.any()))
-    pb.linear(model, a.linear("o"), None, hp.v_rows, zero=not bool(lo.inp.any()))
+    pb.linear(model, a.linear("q"), qk_rows, rk, zero=dead or not bool(lq.inp.any()))
+    pb.linear(model, a.linear("k"), qk_rows, rk, zero=dead or not bool(lk.inp.any()))
+    pb.linear(model, a.linear("v"), hp.v_rows, rk, zero=dead or not bool(lv.inp.any()))
+    pb.linear(model, a.linear("o"), rk, hp.v_rows, zero=dead or not bool(lo.inp.any()))
+    if dead:
+        _drop_bias(plan, a.linear("o"))
     n = len(hp.heads)
     value = {"heads": n, "qk_dim": qk_dim, "v_dim": hp.v_dim, "qk_inner": n * qk_dim, "orig_qk_dim": a.head_dim}
     plan.attrs[a.path] = {name: value[q] for name, q in a.sizes}
@@ -261,6 +394,31 @@ def _plan_attention(model, pb: PlanBuilder, plan: Plan, by_path, masks, a: Atten
         pb.param(f"{a.path}.{name}", [len(rows)], rows, None)
     plan.extra["heads"][a.path] = hp.heads
     return hp.heads
+
+
+def _plan_residual(model, pb: PlanBuilder, plan: Plan, r: Residual, keep: list[int]) -> None:
+    """The stream's own modules outside the blocks: writer rows, reader and embedding columns, and
+    every norm's weight rows scaled by sqrt(d / d') with its epsilon x d / d' (exact for RMS norms:
+    rsqrt(sum / d' + eps d / d') = sqrt(d' / d) rsqrt(sum / d + eps))."""
+    d, dk = r.width, len(keep)
+    for w in r.writers:
+        pb.linear(model, w, keep, None)
+    for rd in r.readers:
+        pb.linear(model, rd, None, keep)
+    for e in r.embeddings:
+        emb = model.get_submodule(e)
+        pb.param(f"{e}.weight", [emb.num_embeddings, dk], None, keep)
+    for n in r.norms:
+        mod = model.get_submodule(n.path)
+        pb.param(f"{n.path}.weight", [dk], keep, None)
+        if getattr(mod, "bias", None) is not None:
+            pb.param(f"{n.path}.bias", [dk], keep, None)
+        if n.mean:  # statistics over the original width (WideLayerNorm): weights and eps unchanged
+            plan.attrs[n.path] = {n.eps: float(getattr(mod, n.eps)), "full_width": d}
+        else:
+            plan.keep[f"{n.path}.weight"]["scale"] = math.sqrt(d / dk)
+            plan.attrs[n.path] = {n.eps: float(getattr(mod, n.eps)) * d / dk}
+    plan.extra["residual"] = keep
 
 
 def _rope_rows(a: Attention, q_out: torch.Tensor, k_out: torch.Tensor, heads: list[int]):
@@ -311,7 +469,12 @@ def layout_apply(layout: Layout, model: nn.Module, plan: Plan, family: str) -> N
     gathered values in, load loads a state dict)."""
     apply_linears(model, plan)
     attns = layout.attentions()
+    norms = {n.path: n for n in layout.residual.norms} if layout.residual is not None else {}
+    if "residual" in plan.extra:
+        _apply_residual(model, layout.residual, plan, family)
     for ap, attrs in plan.attrs.items():
+        if ap in norms:
+            continue  # set by _apply_residual
         a = attns.get(ap)
         if a is None:
             raise ValueError(f"{family} plan: attrs.{ap} is not an attention module of the model")
@@ -330,6 +493,49 @@ def layout_apply(layout: Layout, model: nn.Module, plan: Plan, family: str) -> N
     for blk in layout.blocks:
         for t in blk.tables:
             _apply_table(model, t, plan)
+
+
+def _apply_residual(model: nn.Module, r: Residual | None, plan: Plan, family: str) -> None:
+    """Norm weights / biases and epsilons, and embedding tables, at the planned stream width
+    (tied embedding tables stay one Parameter)."""
+    if r is None or r.refuse:
+        raise ValueError(f"{family} plan: extra.residual is set but this model's residual stream cannot be pruned"
+                         + (f" ({r.refuse})" if r is not None and r.refuse else ""))
+    keep = plan.extra["residual"]
+    if not (isinstance(keep, list) and keep and all(type(j) is int and 0 <= j < r.width for j in keep)
+            and keep == sorted(set(keep))):
+        raise ValueError(f"{family} plan: extra.residual must list kept stream channels, ascending, in [0, {r.width})")
+    dk = len(keep)
+    for n in r.norms:
+        mod = model.get_submodule(n.path)
+        attrs = plan.attrs.get(n.path, {})
+        eps = attrs.get(n.eps)
+        want = {n.eps, "full_width"} if n.mean else {n.eps}
+        if set(attrs) != want or not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 \
+                or (n.mean and attrs["full_width"] != r.width):
+            raise ValueError(f"{family} plan: attrs.{n.path} must be {{{n.eps!r}: a non-negative number"
+                             + (f", 'full_width': {r.width}" if n.mean else "") + "}")
+        setattr(mod, n.eps, float(eps))
+        if n.mean:
+            adopt_class(mod, WideLayerNorm)
+            mod.full_width = r.width
+            mod.normalized_shape = (dk,)
+        for name in ("weight", "bias"):
+            old = getattr(mod, name, None)
+            if isinstance(old, nn.Parameter):
+                setattr(mod, name, nn.Parameter(old.new_empty(dk), requires_grad=old.requires_grad))
+    idx = torch.tensor(keep, dtype=torch.long)
+    for c in r.computed:  # a computed width-d output keeps the kept channels
+        model.get_submodule(c).register_forward_hook(
+            lambda mod, args, out, idx=idx: out.index_select(-1, idx.to(out.device)))
+    new_of: dict[int, nn.Parameter] = {}
+    for e in r.embeddings:
+        emb = model.get_submodule(e)
+        w = emb.weight
+        if id(w) not in new_of:
+            new_of[id(w)] = nn.Parameter(w.new_empty(w.shape[0], dk), requires_grad=w.requires_grad)
+        emb.weight = new_of[id(w)]
+        emb.embedding_dim = dk
 
 
 def _apply_rope(att: nn.Module, a: Attention, plan: Plan, family: str) -> None:
@@ -369,6 +575,102 @@ def _apply_table(model: nn.Module, t: SharedHeadTable, plan: Plan) -> None:
         )
 
 
+# -- residual stream and sub-block gates (issue 13) ---------------------------------------------
+def layout_units(layout: Layout, model: nn.Module, *, residual: bool, layers: bool, block,
+                 family: str) -> tuple[list[Site], list[Point]]:
+    """Reader sites (a shared "residual" input mask) and Points (stream entries, sub-block gates)."""
+    sites: list[Site] = []
+    points: list[Point] = []
+    if residual:
+        r = layout.residual
+        if r is None:
+            raise ValueError(f"{family}: the layout declares no residual stream, so --residual is not available")
+        if r.refuse:
+            raise ValueError(f"{family}: residual pruning is not exact for this model: {r.refuse}")
+        spec = residual_spec(r.width, resolve_block(block, "residual", resolve_block(block, "ffn")))
+        for path in r.readers:
+            sites.append(Site(path, spec, None, "residual", "residual.read", residual_in=True, name_in="residual"))
+        for path in r.entries:
+            points.append(Point("residual", path, "input", spec.units, spec.block, "residual", "residual"))
+    if layers:
+        if not layout.gates:
+            raise ValueError(f"{family}: the layout declares no sub-block gates, so --layers is not available")
+        for blk in layout.blocks:
+            for g in (*blk.attentions, *blk.ffns):
+                width = _gate_width(model, g)
+                points.append(g.gate_point(blk.layer, width))
+    return sites, points
+
+
+def _gate_width(model: nn.Module, g) -> int:
+    fold = model.get_submodule(g.gate_fold or (g.linear("o") if isinstance(g, Attention) else g.down[1]))
+    if isinstance(fold, nn.Linear):
+        return fold.out_features
+    return int(fold.weight.shape[-1])
+
+
+def _numel(mod: nn.Module, seen: set[int]) -> int:
+    n = 0
+    for p in mod.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def layout_unit_params(layout: Layout, model: nn.Module, sites: list[Site], points: list[Point]) -> dict[str, float]:
+    """Parameters one unit removes: "residual" (one stream unit: a row or column of every Linear on
+    the stream, an entry of every norm, a column of every embedding table), each gate (every
+    parameter of its sub-block's Linears) and "inner" (all block Linears' parameters over the
+    number of inner units: the average inner unit). Tied tables count once."""
+    out: dict[str, float] = {}
+    groups = {g.path: g for b in layout.blocks for g in (*b.attentions, *b.ffns)}
+    block_lin = [p for b in layout.blocks for p in b.linears()]
+    inner_units = sum(spec.units for s in sites for side, spec in (("in", s.mask_in), ("out", s.mask_out))
+                      if spec is not None and s.mask_name(side) != "residual")
+    total = _numel_paths(model, block_lin)
+    out["inner"] = total / max(1, inner_units)
+    for pt in points:
+        if pt.name.endswith(".gate"):
+            out[pt.name] = float(_numel_paths(model, groups[pt.name[: -len(".gate")]].linears()))
+    if any(pt.name == "residual" for pt in points):
+        r = layout.residual
+        blk = r.width // next(pt.units for pt in points if pt.name == "residual")
+        per = 0
+        for b in layout.blocks:
+            for a in b.attentions:
+                for role in "qkv":
+                    per += model.get_submodule(a.linear(role)).out_features
+                o = model.get_submodule(a.linear("o"))
+                per += o.in_features + (o.bias is not None)
+            for f in b.ffns:
+                for pth in f.ups().values():
+                    per += model.get_submodule(pth).out_features
+                dn = model.get_submodule(f.down[1])
+                per += dn.in_features + (dn.bias is not None)
+        for w in r.writers:
+            lin = model.get_submodule(w)
+            per += lin.in_features + (lin.bias is not None)
+        for rd in r.readers:
+            per += model.get_submodule(rd).out_features
+        seen: set[int] = set()
+        for e in r.embeddings:
+            w = model.get_submodule(e).weight
+            if id(w) not in seen:
+                seen.add(id(w))
+                per += w.shape[0]
+        for n in r.norms:
+            mod = model.get_submodule(n.path)
+            per += 1 + (getattr(mod, "bias", None) is not None)
+        out["residual"] = float(per * blk)
+    return out
+
+
+def _numel_paths(model: nn.Module, paths) -> int:
+    seen: set[int] = set()
+    return sum(_numel(model.get_submodule(p), seen) for p in paths)
+
+
 # -- the adapter ---------------------------------------------------------------------------------
 class LayoutAdapter(Adapter):
     """An Adapter whose sites, plan and restructuring all come from ``layout(model)``; a family
@@ -396,8 +698,16 @@ class LayoutAdapter(Adapter):
     def apply_plan(self, model: nn.Module, plan: Plan) -> None:
         layout_apply(self.layout(model), model, plan, self.family)
 
+    def extra_units(self, model: nn.Module, *, residual: bool, layers: bool) -> tuple[list[Site], list[Point]]:
+        return layout_units(self._checked_layout(model), model, residual=residual, layers=layers,
+                            block=self.block, family=self.family)
+
+    def unit_params(self, model: nn.Module, sites: list[Site], points: list[Point]) -> dict[str, float]:
+        return layout_unit_params(self._checked_layout(model), model, sites, points)
+
 
 __all__ = [
-    "Attention", "Block", "FFN", "Layout", "LayoutAdapter", "RoPE", "SharedHeadTable", "adopt_class", "check_layout",
-    "layout_apply", "layout_plan", "layout_sites",
+    "Attention", "Block", "FFN", "Layout", "LayoutAdapter", "Norm", "Residual", "RoPE", "SharedHeadTable", "WideLayerNorm",
+    "adopt_class",
+    "check_layout", "layout_apply", "layout_plan", "layout_sites", "layout_units", "layout_unit_params",
 ]

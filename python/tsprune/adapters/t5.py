@@ -34,6 +34,7 @@ from transformers.models.t5.modeling_t5 import (
     ALL_ATTENTION_FUNCTIONS,
     T5Attention,
     T5DenseGatedActDense,
+    T5LayerNorm,
     T5Stack,
     eager_attention_forward,
 )
@@ -41,7 +42,7 @@ from transformers.models.t5.modeling_t5 import (
 from . import register
 from ._common import median_index, trained_part
 from .attention import split_heads, zero_scores
-from .layout import FFN, Attention, Block, Layout, LayoutAdapter, SharedHeadTable
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter, Norm, Residual, SharedHeadTable
 
 
 class PrunedT5Attention(T5Attention):
@@ -166,7 +167,27 @@ class T5Adapter(LayoutAdapter):
                 users = tuple(b.attentions[0].path for b in blocks[first:])
                 last = blocks[-1]
                 blocks[-1] = Block(last.layer, last.attentions, last.ffns, (SharedHeadTable(owner, users),))
-        return Layout(tuple(blocks), PrunedT5Attention, extra=("heads", "bias_heads", "ffn", "bias_tables"))
+        return Layout(tuple(blocks), PrunedT5Attention, extra=("heads", "bias_heads", "ffn", "bias_tables"),
+                      residual=self._residual(model), gates=True)
+
+    def _residual(self, model: nn.Module) -> Residual | None:
+        """One stream width for the whole model (encoder, decoder and cross-attention share it): it
+        enters each stack at block 0; every T5LayerNorm (RMS, no mean) is over it; the token
+        embeddings write it; the family's own input / output maps are its writers / readers."""
+        stacks = self._stacks(model)
+        if not stacks:
+            return None
+        d = int(stacks[0][1].config.d_model)
+        norms = tuple(Norm(n) for n, m in model.named_modules() if isinstance(m, T5LayerNorm)
+                      and m.weight.shape == (d,) and not n.startswith("output_patch_embedding"))
+        embs = tuple(n for n, m in model.named_modules()
+                     if isinstance(m, nn.Embedding) and m.embedding_dim == d and "relative_attention_bias" not in n)
+        writers, readers = self._stream_io(model)
+        return Residual(d, tuple(f"{sp}.block.0" for sp, _ in stacks), writers, readers, embs, norms)
+
+    def _stream_io(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(writers, readers): Linears outside the stacks whose outputs / inputs are the stream."""
+        return (), ()
 
 
 @register
@@ -195,6 +216,12 @@ class ChronosBoltAdapter(T5Adapter):
     def prediction_length(model) -> int:
         """Steps one forward pass forecasts (and the longest target the loss trains on)."""
         return int(model.chronos_config.prediction_length)
+
+    def _stream_io(self, model):
+        # input_patch_embedding writes the encoder stream (its optional T5LayerNorm is a stream
+        # norm, found by _residual); output_patch_embedding reads the decoder's final norm output
+        return (("input_patch_embedding.output_layer", "input_patch_embedding.residual_layer"),
+                ("output_patch_embedding.hidden_layer", "output_patch_embedding.residual_layer"))
 
     def loss(self, model, context, target):
         return model(context=context, target=trained_part(target, self.prediction_length(model))).loss
@@ -253,6 +280,11 @@ class ChronosAdapter(T5Adapter):
     def prediction_length(self, model) -> int:
         """Steps one generate call forecasts (and the longest target the loss trains on)."""
         return int(self._parts(model)[1].prediction_length)
+
+    def _stream_io(self, model):
+        # the LM head reads the decoder's final norm output (times the constant d_model ** -0.5 of
+        # the ORIGINAL width when tied, which repack leaves as is: config.d_model does not change)
+        return (), tuple(n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "lm_head")
 
     def loss(self, model, context, target):
         t5, cfg, _ = self._parts(model)

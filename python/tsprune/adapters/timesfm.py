@@ -38,7 +38,7 @@ from transformers.models.timesfm.modeling_timesfm import (
 from . import register
 from ._common import roll_out, trained_part
 from .attention import heads_attention
-from .layout import FFN, Attention, Block, Layout, LayoutAdapter
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter, Norm, Residual
 
 try:  # TimesFM 2.5 is in recent transformers only
     from transformers.models.timesfm2_5.modeling_timesfm2_5 import (
@@ -132,11 +132,23 @@ class _TimesFmBase(LayoutAdapter):
             att = model.get_submodule(ap)
             attn = Attention(ap, "self_attn", att.q_proj.out_features // att.head_dim, att.head_dim, self.sizes,
                              proj=_PROJ, qk_full=self.qk_full,
-                             head_params=self.head_params)
+                             head_params=self.head_params, **self._attn_gate(lp))
             ffn = FFN(mp, (f"ffn.{self.up}", f"{mp}.{self.up}"), (f"ffn.{self.down}", f"{mp}.{self.down}"),
-                      self._act(model.get_submodule(mp)))
+                      self._act(model.get_submodule(mp)), **self._ffn_gate(lp))
             blocks.append(Block(f"decoder.{i}", (attn,), (ffn,)))
-        return Layout(tuple(blocks), self.pruned_cls)
+        if not layers:
+            return Layout(tuple(blocks), self.pruned_cls)
+        return Layout(tuple(blocks), self.pruned_cls, residual=self._residual(model, layers), gates=True)
+
+    def _attn_gate(self, lp: str) -> dict:
+        """Where the attention sub-block's contribution is gated (default: the attention's output)."""
+        return {}
+
+    def _ffn_gate(self, lp: str) -> dict:
+        return {}
+
+    def _residual(self, model: nn.Module, layers: list[str]) -> Residual:
+        raise NotImplementedError
 
 
 @register
@@ -164,6 +176,24 @@ class TimesFmAdapter(_TimesFmBase):
     sizes = (("num_heads", "heads"), ("head_dim", "qk_dim"), ("v_head_dim", "v_dim"),
              ("orig_head_dim", "orig_qk_dim"), ("q_size", "qk_inner"), ("kv_size", "qk_inner"))
     head_params = ("scaling",)
+
+    def _ffn_gate(self, lp):
+        # the MLP adds its own input back (outputs + x): its contribution is down_proj's output
+        return {"gate_at": f"{lp}.mlp.down_proj"}
+
+    def _residual(self, model, layers):
+        """The stream enters decoder layer 0 after the input block, the sinusoidal position
+        embedding (a computed width-d output: its kept channels are selected) and the frequency
+        embedding; each layer's RMS input norm and the MLP's LayerNorm (mean-subtracting: kept
+        exact by its statistics over the original width, its removed channels being zeros that no
+        reader sees); horizon_ff_layer reads it."""
+        d = int(model.config.hidden_size)
+        pos = tuple(n for n, m in model.named_modules() if type(m).__name__ == "TimesFmPositionalEmbedding")
+        norms = tuple(n for lp in layers for n in (Norm(f"{lp}.input_layernorm"),
+                                                   Norm(f"{lp}.mlp.layer_norm", eps="eps", mean=True)))
+        return Residual(d, (layers[0],), ("decoder.input_ff_layer.output_layer", "decoder.input_ff_layer.residual_layer"),
+                        ("horizon_ff_layer.input_layer", "horizon_ff_layer.residual_layer"), ("decoder.freq_emb",),
+                        norms, computed=pos)
 
     def _forward(self, model, context, future=None):
         freq = [self.freq] * context.shape[0]
@@ -219,6 +249,25 @@ if TimesFm2_5ModelForPrediction is not None:
 
         def _act(self, mlp):
             return mlp.activation_fn
+
+        # each sub-block's output passes a post-norm before it is added: the gate scales that
+        # norm's output (a gate before it would be normalised away) and folds into its weight
+        def _attn_gate(self, lp):
+            return {"gate_at": f"{lp}.post_attention_layernorm", "gate_fold": f"{lp}.post_attention_layernorm"}
+
+        def _ffn_gate(self, lp):
+            return {"gate_at": f"{lp}.post_feedforward_layernorm", "gate_fold": f"{lp}.post_feedforward_layernorm"}
+
+        def _residual(self, model, layers):
+            """The stream enters layer 0 from the input block; every layer's four RMS norms are
+            over it (the post-norms over o / fc2 outputs, whose removed rows are zero); both output
+            projections read it. RoPE acts inside the heads, not on the stream."""
+            d = int(model.config.hidden_size)
+            norms = tuple(Norm(f"{lp}.{n}") for lp in layers for n in (
+                "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"))
+            return Residual(d, (layers[0],), ("model.input_ff_layer.output_layer", "model.input_ff_layer.residual_layer"),
+                            tuple(f"{h}.{x}" for h in ("output_projection_point", "output_projection_quantiles")
+                                  for x in ("input_layer", "residual_layer")), (), norms)
 
         def loss(self, model, context, target):
             target = trained_part(target, self.prediction_length(model))
