@@ -65,7 +65,8 @@ class Pruner:
                weights. Residual and gate units remove many parameters each: their score is divided
                by the parameters one unit removes, relative to the average inner unit
                (``pruner.unit_scale``; docs/METHOD.md "Residual width and sub-blocks"). Both need a
-               criterion reading only gradients (taylor) and run without compaction for now.
+               criterion reading only gradients (taylor); compaction shrinks the stream and drops
+               gated-off sub-blocks too.
     distributed: data-parallel calibration (tsprune.distributed): each macro-step all-reduces the
                flat accumulators once before scoring and takes rank 0's masks after pruning. None
                (default): on when a torch.distributed process group with > 1 rank is initialised.
@@ -134,10 +135,6 @@ class Pruner:
                     "layers=True support criteria reading only 'grad' (taylor): a shared mask's per-sample squares "
                     "and weight norms would be per place, not of the whole unit"
                 )
-            if compact:
-                raise ValueError("Pruner: compact=True is not available with residual=True or layers=True yet; "
-                                 "use compact=False (calibrate then runs the masked model)")
-            compact = False
         self.sites: list[Site] = sites
         self.points: list[Point] = points
         self.residual = mode or False
@@ -281,7 +278,7 @@ class Pruner:
             self.enable_compaction()
         masks = {n: m.detach().cpu() for n, m in self.masks.items()}
         plan = self.adapter.plan(self._orig, masks, sites=self.sites)  # the Pruner's sites (residual sides dropped)
-        phys = _Physical.build(self.arena, self.sites, plan, self._orig, self.criterion.needs_act)
+        phys = _Physical.build(self.arena, self.sites, plan, self._orig, self.criterion.needs_act, self.points)
         if phys is None:  # a partial block: keep the layout, refresh the mask values
             if self._phys is not None:
                 self._phys.refresh(self.arena)
@@ -375,6 +372,8 @@ class Pruner:
                 a.zero_grad_()
                 raise
             res = a.step(ratio=r, min_live=floor_live, ema=self.ema, score=a.scores(self.criterion) * self.unit_scale)
+            if "residual" in a.slots:
+                res = self._keep_stream_(res)
         if self.comm is not None:  # every rank takes rank 0's masks: they can never diverge
             self.comm.sync_state_(a)
             after = a.n_live()
@@ -387,6 +386,18 @@ class Pruner:
         if self.compact and res.pruned > 0:
             self.compact_()
         return info
+
+    @torch.no_grad()
+    def _keep_stream_(self, res):
+        """The stream keeps at least one unit (a model without one computes nothing and cannot be
+        repacked): if a step took its last, the unit of highest importance among those comes back."""
+        sl = self.arena.slots["residual"]
+        m = self.arena.mask[sl.offset : sl.offset + sl.units]
+        if bool((m != 0).any()):
+            return res
+        imp = self.arena.imp[sl.offset : sl.offset + sl.units]
+        m[int(imp.abs().argmax())] = 1.0
+        return dataclasses.replace(res, pruned=res.pruned - 1, live_after=res.live_after + 1)
 
     @torch.no_grad()
     def _weight_stats_(self) -> None:
@@ -430,7 +441,8 @@ class Pruner:
         if self._phys is None:
             new, plan = repack_model(self.model, self.adapter, self.sites, masks, self.points)
         else:  # from the original weights (repack_model copies them itself), exactly as without compaction
-            new, plan = repack_model(self._orig, self.adapter, self.sites, {n: m.cpu() for n, m in masks.items()})
+            new, plan = repack_model(self._orig, self.adapter, self.sites, {n: m.cpu() for n, m in masks.items()},
+                                     self.points)
             new.to(_device_of(self.model)).train(self.model.training)
         new.tsprune_plan = plan
         return new
@@ -468,7 +480,9 @@ class _Physical:
     kept input channels of input masks, when the criterion reads activations); mask [P] fp32 (the
     gathered arena values); idx [P] int64 (arena unit of each entry); flat_idx [2P + Q] int64
     (position of each flat entry in ``arena.flat``, so one index_add_ flushes everything);
-    views: site path -> {side: (offset, units, block)}; act_views: site path -> (offset, channels)."""
+    views: site path -> {side: (offset, units, block)}; act_views: site path -> (offset, channels);
+    point_views: (module path, where) -> (offset, units, block) of the live hook masks (the stream's
+    kept units where it enters the blocks, the gates of sub-blocks still present)."""
 
     def __init__(self, idx: torch.Tensor, views: dict, act_idx: torch.Tensor, act_views: dict, arena):
         p = idx.numel()
@@ -482,9 +496,10 @@ class _Physical:
         act_off = arena.flat_offset("act") if arena.act is not None else 0
         self.flat_idx = torch.cat([idx, idx + arena.n_units, act_idx + act_off])
         self._leaf: dict[tuple[str, str], torch.Tensor] = {}
+        self.point_views: dict[tuple[str, str, str], tuple[int, int, int]] = {}
 
     @classmethod
-    def build(cls, arena, sites, plan, orig, act: bool = False) -> "_Physical | None":
+    def build(cls, arena, sites, plan, orig, act: bool = False, points=()) -> "_Physical | None":
         idx, views, act_idx, act_views, off, aoff = [], {}, [], {}, 0, 0
         for s in sites:
             spec_l = plan.linears.get(s.path)
@@ -510,8 +525,25 @@ class _Physical:
                     act_idx.append(ch + arena.slots[name].channel_offset)
                     act_views[s.path] = (aoff, ch.numel())
                     aoff += ch.numel()
+        point_views = {}
+        stream = plan.extra.get("residual")  # kept stream channels (None: the whole width)
+        for pt in points:
+            slot = arena.slots[pt.name]
+            if pt.name.endswith(".gate"):
+                if plan.extra.get("gates", {}).get(pt.name[: -len(".gate")]) == 0:
+                    continue  # the sub-block is gone; its gate's gradient is exactly 0
+                units = torch.zeros(1, dtype=torch.long)
+                block = len(stream) if stream is not None else pt.block  # the gated output's width now
+            else:
+                ch = torch.arange(slot.units * slot.block) if stream is None else torch.as_tensor(stream)
+                units, block = ch[:: slot.block] // slot.block, slot.block
+            idx.append(units + slot.offset)
+            point_views[(pt.path, pt.where, pt.name)] = (off, units.numel(), block)
+            off += units.numel()
         cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
-        return cls(cat(idx), views, cat(act_idx), act_views, arena)
+        phys = cls(cat(idx), views, cat(act_idx), act_views, arena)
+        phys.point_views = point_views
+        return phys
 
     def to(self, device) -> "_Physical":
         self.idx, self.mask, self.flat_idx = self.idx.to(device), self.mask.to(device), self.flat_idx.to(device)
@@ -545,6 +577,12 @@ class _Physical:
                 o, n = self.act_views[path]
                 b.act_sq = self.act[o : o + n]
             attach(lin, b)
+        for (path, where, name), (o, u, blk) in self.point_views.items():
+            leaf = self._leaf.get((path, name))
+            if leaf is None:
+                leaf = self.mask[o : o + u].detach().requires_grad_(True)
+                self._leaf[(path, name)] = leaf
+            attach_point(model.get_submodule(path), where, leaf, blk, self.acc[0, o : o + u])
 
     def flush_(self, arena) -> None:
         """Every sum (grad, sq, act) -> its arena position (one index_add_); zeroes."""

@@ -222,8 +222,6 @@ def test_options_are_checked():
         Pruner(model, residual="both")
     with pytest.raises(ValueError, match="only 'grad'"):
         Pruner(model, residual=True, criterion="fisher")
-    with pytest.raises(ValueError, match="compact=True is not available"):
-        Pruner(model, layers=True, compact=True)
     p = Pruner(model, residual=True)
     with torch.no_grad():
         p.masks["residual"][0] = 0.5
@@ -278,3 +276,59 @@ def test_cli_run_with_residual_and_layers(tmp_path):
     layers, cols, _ = sparsity_grid(model.sites, {n: 0.0 for n in model.masks}, model.points)
     assert "residual" in layers and "residual" in cols and "self_attn.gate" in cols and "ffn.gate" in cols
     assert "self_attn.q.in" not in cols  # q's input side is the shared stream mask, shown once
+
+
+@pytest.mark.parametrize("name", ["chronos-bolt", "timesfm", "timesfm2.5"])
+def test_compaction_with_residual_and_gates_prunes_the_same_units(name, f64_norms):
+    """Calibration on the compacted model (stream shrunk, gated-off sub-blocks dropped after every
+    pruning step) prunes exactly the units the full-size masked model prunes (float64), and both
+    repack to the same model."""
+    case = CASES[name]
+
+    def run(compact):
+        _, model = _built(name, torch.float64)
+        model.eval()
+        p = _pruner(case, model, ema=0.5, prune_ratio_per_epoch=0.4, macro_batch_size=1, max_prune_ratio=0.8,
+                    compact=compact).attach()
+        g = torch.Generator().manual_seed(51)
+        masks, losses = [], []
+        for _ in range(4):
+            ctx, tgt = case.inputs(g)
+            loss = p.adapter.loss(model, ctx.double(), tgt.double(), **case.loss_kw)
+            loss.backward()
+            losses.append(float(loss.detach()))
+            p.step(1)
+            masks.append({n: (m != 0).clone() for n, m in p.masks.items()})
+        return model, p, masks, losses
+
+    m0, p0, k0, l0 = run(False)
+    m1, p1, k1, l1 = run(True)
+    assert p1.compacted and not p0.compacted
+    assert int((p1.masks["residual"] == 0).sum()) > 0, "the stream should have lost units"
+    for step, (a, b) in enumerate(zip(k0, k1)):
+        for n in a:
+            assert torch.equal(a[n], b[n]), f"step {step}: {n} differs"
+    for x, y in zip(l0, l1):
+        assert abs(x - y) <= 1e-9 * max(1.0, abs(x)), (l0, l1)
+    ctx, _ = case.inputs(torch.Generator().manual_seed(52))
+    with torch.no_grad():
+        assert_exact(case.output(m1, ctx.double()), case.output(m0, ctx.double()))
+        r0, r1 = p0.repack(), p1.repack()
+        assert n_params(r0) == n_params(r1)
+        assert_exact(case.output(r1, ctx.double()), case.output(r0, ctx.double()))
+
+
+def test_the_stream_keeps_one_unit():
+    """A step that would take the stream's last unit gives back its most important one, so the
+    pruned model always has a stream to repack."""
+    case, model = _built("chronos-bolt")
+    p = _pruner(case, model, macro_batch_size=1, max_prune_ratio=0.99).attach()
+    ctx, tgt = case.inputs(torch.Generator().manual_seed(61))
+    p.adapter.loss(model, ctx, tgt).backward()
+    info = p.prune_now(ratio=1.0)
+    r = p.masks["residual"]
+    assert int((r != 0).sum()) == 1
+    assert info.live_after == p.arena.n_live()
+    with torch.no_grad():
+        ref = case.output(model, ctx)
+    assert_exact(case.output(p.repack(), ctx), ref)
