@@ -643,11 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(0: keep the best)")
         g.add_argument("--residual", nargs="?", const="shared", choices=("shared", "paper"), default=None,
                        help="also prune the residual stream: 'shared' (the default with the flag alone): one mask "
-                            "over the stream, removed from the whole model by repack (T5 / TimesFM families); "
+                            "over the stream, removed from the whole model by repack (Chronos-Bolt, Chronos, TimesFM, Chronos-2); "
                             "'paper': the paper's per-Linear residual masks, whose zeros stay as zero weights")
         g.add_argument("--layers", action="store_true",
                        help="also prune whole sub-blocks: one gate per attention / FFN sub-block; a gated-off "
-                            "sub-block is removed by repack (T5 / TimesFM families)")
+                            "sub-block is removed by repack (Chronos-Bolt, Chronos, TimesFM, Chronos-2)")
         g.add_argument("--no-compact", action="store_true",
                        help="calibrate on the full-size masked model (default: after every macro-step that "
                             "prunes, the model is shrunk to its live units, exactly; pruned units cost nothing)")

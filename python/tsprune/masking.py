@@ -105,6 +105,10 @@ def attach_point(module: nn.Module, where: str, mask: torch.Tensor, block: int, 
         def post(mod, args, out):
             if isinstance(out, tuple):
                 return (scale_channels(out[0], mask, block, acc), *out[1:])
+            if isinstance(out, dict):  # a ModelOutput: its first field
+                key = next(iter(out))
+                out[key] = scale_channels(out[key], mask, block, acc)
+                return out
             return scale_channels(out, mask, block, acc)
 
         h = module.register_forward_hook(post)

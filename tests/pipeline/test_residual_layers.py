@@ -1,6 +1,6 @@
 """Issue 13: the shared residual-stream mask and sub-block gates, removed physically and exactly.
 
-For every family that declares them (T5: Chronos-Bolt, Chronos; TimesFM 1/2 and 2.5), with
+For every family that declares them (T5: Chronos-Bolt, Chronos; TimesFM 1/2 and 2.5; Chronos-2), with
 ``Pruner(residual=True, layers=True)``: random 0/1 residual and gate masks on top of random inner
 masks (inner and gate values partly non-binary) -> the repacked model computes the masked model's
 output (fp32: 1e-5 of the output scale, float64: 1e-10), has fewer parameters, a smaller stream and
@@ -20,7 +20,7 @@ from tsprune import Pruner
 from tsprune.adapters import get_adapter
 from tsprune.checkpoint import load_pruned, save_pruned
 
-FAMILIES = ["chronos-bolt", "chronos", "chronos-t5", "timesfm", "timesfm2.5"]
+FAMILIES = ["chronos-bolt", "chronos", "chronos-t5", "timesfm", "timesfm2.5", "chronos2"]
 
 
 @pytest.fixture
@@ -29,6 +29,7 @@ def f64_norms(monkeypatch):
     model, so a float64 run of them is exact only to float32 rounding (which the fp32 tests judge
     at 1e-5). For the float64 checks of the rescaling algebra (1e-10) and of gradients against
     finite differences, they keep float64 here; the formula is the models' own."""
+    from chronos.chronos2.layers import Chronos2LayerNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
     from transformers.models.timesfm.modeling_timesfm import TimesFmRMSNorm
 
@@ -37,7 +38,7 @@ def f64_norms(monkeypatch):
             return type(self)._orig_forward(self, x)
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
-    classes = [T5LayerNorm, TimesFmRMSNorm]
+    classes = [T5LayerNorm, TimesFmRMSNorm, Chronos2LayerNorm]
     try:
         from transformers.models.timesfm2_5.modeling_timesfm2_5 import TimesFm2_5RMSNorm
         classes.append(TimesFm2_5RMSNorm)
@@ -134,7 +135,7 @@ def test_save_load_round_trip(name, tmp_path):
     assert n_params(back) == n_params(new)
 
 
-@pytest.mark.parametrize("name", ["chronos-bolt", "timesfm", "timesfm2.5"])
+@pytest.mark.parametrize("name", ["chronos-bolt", "timesfm", "timesfm2.5", "chronos2"])
 def test_shared_mask_gradients_equal_finite_differences(name, f64_norms):
     """The arena's residual and gate gradients (summed over every place the mask acts) against
     float64 central differences of the loss, at non-binary mask values."""
@@ -164,7 +165,7 @@ def test_shared_mask_gradients_equal_finite_differences(name, f64_norms):
         assert math.isclose(got, fd, rel_tol=1e-4, abs_tol=1e-7), f"{name_}[{i}]: arena {got} vs finite difference {fd}"
 
 
-@pytest.mark.parametrize("name", ["chronos-bolt", "timesfm2.5"])
+@pytest.mark.parametrize("name", ["chronos-bolt", "timesfm2.5", "chronos2"])
 def test_unit_params_equal_the_parameters_a_unit_removes(name):
     """The score scale's denominators: removing one residual unit (or one gate) alone removes
     exactly the parameters adapter.unit_params says (tied tables counted once)."""
@@ -209,7 +210,7 @@ def test_calibration_prunes_residual_and_gates_and_repacks():
         assert_exact(case.output(new, ctx), ref)
 
 
-@pytest.mark.parametrize("name", ["patchtst", "chronos2"])
+@pytest.mark.parametrize("name", ["patchtst", "patchtsmixer"])
 def test_families_without_a_declared_stream_refuse(name):
     case, model = _built(name)
     with pytest.raises(ValueError, match="declares no residual stream"):
@@ -278,7 +279,7 @@ def test_cli_run_with_residual_and_layers(tmp_path):
     assert "self_attn.q.in" not in cols  # q's input side is the shared stream mask, shown once
 
 
-@pytest.mark.parametrize("name", ["chronos-bolt", "timesfm", "timesfm2.5"])
+@pytest.mark.parametrize("name", ["chronos-bolt", "timesfm", "timesfm2.5", "chronos2"])
 def test_compaction_with_residual_and_gates_prunes_the_same_units(name, f64_norms):
     """Calibration on the compacted model (stream shrunk, gated-off sub-blocks dropped after every
     pruning step) prunes exactly the units the full-size masked model prunes (float64), and both

@@ -4,7 +4,8 @@ Stage of the flow: model -> **adapter** -> mask sites / coupled plan / restructu
 holds the family's layout and objective, the engine (layout.py) derives the rest.
 Receives a Chronos2Model; hands on its sites (every encoder block's time self-attention and group
 attention q, k, v, o and its FFN wi -> act -> wo), a plan from mask values and the in-place
-restructuring for repack and load. Input / output patch embeddings (residual MLPs) are not pruned.
+restructuring for repack and load. Input / output patch embeddings (residual MLPs) keep their hidden
+width; with residual=True their stream side (output rows / input columns) goes with the stream.
 
 Chronos-2 attention (``MHA``): no 1/sqrt(d) scaling, eager or SDPA. Time self-attention rotates q
 and k with RoPE (``rotate_half``: within a head, dim j and dim j + d_kv/2 form one rotary pair with
@@ -38,13 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chronos.chronos2.layers import MHA, AttentionOutput, Chronos2RotaryEmbedding
+from chronos.chronos2.layers import MHA, AttentionOutput, Chronos2LayerNorm, Chronos2RotaryEmbedding
 from chronos.chronos2.model import Chronos2Model
 
 from . import register
 from ._common import median_index, trained_part
 from .attention import split_heads, zero_scores
-from .layout import FFN, Attention, Block, Layout, LayoutAdapter, RoPE
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter, Norm, Residual, RoPE
 
 
 class PrunedChronos2MHA(MHA):
@@ -135,7 +136,22 @@ class Chronos2Adapter(LayoutAdapter):
             fp = f"{base}.2.mlp"
             ffn = FFN(fp, ("ffn.wi", f"{fp}.wi"), ("ffn.wo", f"{fp}.wo"), model.get_submodule(fp).act)
             blocks.append(Block(f"encoder.{i}", tuple(attns), (ffn,)))
-        return Layout(tuple(blocks), PrunedChronos2MHA, extra=("heads", "rope_pairs", "ffn"))
+        return Layout(tuple(blocks), PrunedChronos2MHA, extra=("heads", "rope_pairs", "ffn"),
+                      residual=self._residual(model), gates=True)
+
+    @staticmethod
+    def _residual(model: nn.Module) -> Residual:
+        """The stream enters encoder block 0 from the input patch embedding (and the REG token's
+        embedding); every Chronos2LayerNorm over it is RMS (T5 style); the output patch embedding
+        reads the final norm's output. RoPE acts inside the heads."""
+        d = int(model.config.d_model)
+        norms = tuple(Norm(n) for n, m in model.named_modules() if isinstance(m, Chronos2LayerNorm)
+                      and m.weight.shape == (d,) and not n.startswith("output_patch_embedding"))
+        embs = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim == d)
+        return Residual(d, ("encoder.block.0",),
+                        ("input_patch_embedding.output_layer", "input_patch_embedding.residual_layer"),
+                        ("output_patch_embedding.hidden_layer", "output_patch_embedding.residual_layer"), embs, norms,
+                        width_attrs=(("", "model_dim"),))  # the model asserts the encoder output width
 
     # -- objective ------------------------------------------------------------------------------
     @staticmethod

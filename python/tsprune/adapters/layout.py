@@ -205,6 +205,7 @@ class Residual:
     norms: tuple[Norm, ...] = ()
     refuse: str | None = None
     computed: tuple[str, ...] = ()  # modules computing a width-d output without weights (sinusoids)
+    width_attrs: tuple[tuple[str, str], ...] = ()  # (module path, attribute) holding the width, set to d'
 
 
 @dataclass(frozen=True)
@@ -524,6 +525,8 @@ def _apply_residual(model: nn.Module, r: Residual | None, plan: Plan, family: st
             old = getattr(mod, name, None)
             if isinstance(old, nn.Parameter):
                 setattr(mod, name, nn.Parameter(old.new_empty(dk), requires_grad=old.requires_grad))
+    for path, attr in r.width_attrs:
+        setattr(model.get_submodule(path), attr, dk)
     idx = torch.tensor(keep, dtype=torch.long)
     for c in r.computed:  # a computed width-d output keeps the kept channels
         model.get_submodule(c).register_forward_hook(
