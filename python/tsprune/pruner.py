@@ -481,7 +481,7 @@ class _Physical:
     gathered arena values); idx [P] int64 (arena unit of each entry); flat_idx [2P + Q] int64
     (position of each flat entry in ``arena.flat``, so one index_add_ flushes everything);
     views: site path -> {side: (offset, units, block)}; act_views: site path -> (offset, channels);
-    point_views: (module path, where) -> (offset, units, block) of the live hook masks (the stream's
+    point_views: (module path, where, mask name) -> (offset, units, block) of the live hook masks (the stream's
     kept units where it enters the blocks, the gates of sub-blocks still present)."""
 
     def __init__(self, idx: torch.Tensor, views: dict, act_idx: torch.Tensor, act_views: dict, arena):

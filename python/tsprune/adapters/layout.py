@@ -156,8 +156,8 @@ class Block:
 class Norm:
     """A norm over the residual stream: ``path`` holds ``weight`` [d] (and maybe ``bias``), ``eps``
     names its epsilon attribute. RMS norms (mean False) stay exact when channels go: weight x
-    sqrt(d / d'), epsilon x d / d'. A norm that subtracts a mean (mean True) cannot: residual
-    pruning is refused for the family."""
+    sqrt(d / d'), epsilon x d / d'. A norm that subtracts a mean (mean True, an nn.LayerNorm) cannot
+    absorb it that way: it becomes a ``WideLayerNorm`` (statistics over the original width)."""
 
     path: str
     eps: str = "variance_epsilon"
