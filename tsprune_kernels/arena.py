@@ -288,7 +288,7 @@ class ScoreArena:
 
     def step(self, criterion: "str | Criterion" = "taylor", ema: float = 1.0, *, ratio: float | None = None,
              k: int | None = None, score: Tensor | None = None, check_finite: bool = True,
-             min_live: int = 0) -> StepResult:
+             min_live: int = 0, scale: Tensor | None = None) -> StepResult:
         """One pruning step (score, EMA, global threshold, prune; docs/METHOD.md "Stage 1"): score (``criterion`` from the arena's statistics, or
         the flat ``score`` given), EMA into ``imp`` (the first step takes the score as is),
         then prune ``k`` units, or ``ceil(ratio * live)``, of lowest |imp| over the whole arena plus
@@ -296,6 +296,8 @@ class ScoreArena:
         (zero-importance units are pruned regardless). Zeroes the accumulators afterwards.
 
         k: any int >= 0 (more than the live units prunes down to ``min_live``); min_live >= 0.
+        scale: optional [U] multiplier of the score before the EMA (units of different cost, e.g.
+        scores per parameter removed).
 
         A refused step (NaN / Inf in the accumulated gradients, in the criterion's score or in
         ``score``) raises ValueError
@@ -337,6 +339,10 @@ class ScoreArena:
                 self.zero_grad_()
                 raise ValueError(f"ScoreArena.step: the given score contains NaN or Inf{skipped}")
             s = score.to(self.imp.dtype)
+        if scale is not None:
+            if scale.shape != self.imp.shape:
+                raise ValueError(f"ScoreArena.step: scale has shape {tuple(scale.shape)}, arena has ({self.n_units},)")
+            s = s * scale.to(s)
         live = self.mask != 0
         if self.steps == 0:
             self.imp.copy_(s)

@@ -363,17 +363,10 @@ class Pruner:
         if self.comm is not None:  # one flat all-reduce of the arena's sums, before scoring
             self.comm.reduce_(a)
         # the arena caps k so that at least floor_live units stay (zero-score units still go)
-        if self.unit_scale is None:
-            res = a.step(self.criterion, self.ema, ratio=r, min_live=floor_live)
-        else:  # residual / gate units: scores per average inner unit's parameters
-            try:
-                a.check_finite()
-            except ValueError:
-                a.zero_grad_()
-                raise
-            res = a.step(ratio=r, min_live=floor_live, ema=self.ema, score=a.scores(self.criterion) * self.unit_scale)
-            if "residual" in a.slots:
-                res = self._keep_stream_(res)
+        # unit_scale: residual / gate scores per average inner unit's parameters (None: all 1)
+        res = a.step(self.criterion, self.ema, ratio=r, min_live=floor_live, scale=self.unit_scale)
+        if "residual" in a.slots:
+            res = self._keep_stream_(res)
         if self.comm is not None:  # every rank takes rank 0's masks: they can never diverge
             self.comm.sync_state_(a)
             after = a.n_live()

@@ -152,3 +152,23 @@ def test_a_non_finite_custom_score_is_refused_before_the_ema():
     with pytest.raises(ValueError, match="ratio_test score contains NaN"):
         a.step(crit, ema=0.5, ratio=0.3)
     assert torch.equal(a.imp, imp0) and torch.equal(a.mask, mask0)
+
+
+def test_step_scale_multiplies_the_score_before_the_ema():
+    """step(scale=s) prunes and keeps importance exactly as step(score=taylor * s) does (fresh
+    random gradients; the scale favours pruning the second mask)."""
+    g = torch.Generator().manual_seed(3)
+    arenas = [K.ScoreArena([("a", 40, 1), ("b", 24, 2)], stats="taylor") for _ in range(2)]
+    scale = torch.ones(64)
+    scale[40:] = 0.05
+    for _ in range(2):
+        grad = torch.randn(64, generator=g)
+        for ar in arenas:
+            ar.grad.copy_(grad)
+        r0 = arenas[0].step("taylor", 0.5, ratio=0.25, scale=scale)
+        r1 = arenas[1].step(ratio=0.25, ema=0.5, score=arenas[1].scores("taylor") * scale)
+        assert r0.pruned == r1.pruned > 0
+        assert torch.equal(arenas[0].mask, arenas[1].mask)
+        assert torch.equal(arenas[0].imp, arenas[1].imp)
+    with pytest.raises(ValueError, match="scale has shape"):
+        arenas[0].step("taylor", ratio=0.1, scale=torch.ones(3))

@@ -45,7 +45,7 @@ from chronos.chronos2.model import Chronos2Model
 from . import register
 from ._common import median_index, trained_part
 from .attention import split_heads, zero_scores
-from .layout import FFN, Attention, Block, Layout, LayoutAdapter, Norm, Residual, RoPE
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter, Residual, RoPE, stream_modules
 
 
 class PrunedChronos2MHA(MHA):
@@ -145,9 +145,7 @@ class Chronos2Adapter(LayoutAdapter):
         embedding); every Chronos2LayerNorm over it is RMS (T5 style); the output patch embedding
         reads the final norm's output. RoPE acts inside the heads."""
         d = int(model.config.d_model)
-        norms = tuple(Norm(n) for n, m in model.named_modules() if isinstance(m, Chronos2LayerNorm)
-                      and m.weight.shape == (d,) and not n.startswith("output_patch_embedding"))
-        embs = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim == d)
+        embs, norms = stream_modules(model, d, Chronos2LayerNorm)
         return Residual(d, ("encoder.block.0",),
                         ("input_patch_embedding.output_layer", "input_patch_embedding.residual_layer"),
                         ("output_patch_embedding.hidden_layer", "output_patch_embedding.residual_layer"), embs, norms,

@@ -96,7 +96,11 @@ class Attention:
 
     def gate_point(self, layer: str, width: int) -> "Point":
         return Point(f"{self.path}.gate", self.gate_at or self.path, "output", 1, width, layer,
-                     f"{self.kind}.gate", self.gate_fold or self.linear("o"))
+                     f"{self.kind}.gate", self.fold())
+
+    def fold(self) -> str:
+        """The module absorbing a gate value on repack."""
+        return self.gate_fold or self.linear("o")
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,10 @@ class FFN:
 
     def gate_point(self, layer: str, width: int) -> "Point":
         return Point(f"{self.path}.gate", self.gate_at or self.path, "output", 1, width, layer, "ffn.gate",
-                     self.gate_fold or self.down[1])
+                     self.fold())
+
+    def fold(self) -> str:
+        return self.gate_fold or self.down[1]
 
 
 @dataclass(frozen=True)
@@ -148,8 +155,7 @@ class Block:
 
     def linears(self) -> list[str]:
         """Paths of every Linear of the block's groups, in site order."""
-        return [a.linear(r) for a in self.attentions for r in "qkvo"] + \
-            [p for f in self.ffns for p in (*f.ups().values(), f.down[1])]
+        return [p for g in (*self.attentions, *self.ffns) for p in g.linears()]
 
 
 @dataclass(frozen=True)
@@ -605,8 +611,20 @@ def layout_units(layout: Layout, model: nn.Module, *, residual: bool, layers: bo
     return sites, points
 
 
+def stream_modules(model: nn.Module, width: int, norm_cls: type, skip: str = "output_patch_embedding"
+                   ) -> tuple[tuple[str, ...], tuple["Norm", ...]]:
+    """(embedding paths, RMS Norms) over a stream of ``width``: every nn.Embedding of that width
+    (not a relative-position table) and every ``norm_cls`` with a [width] weight, except under
+    ``skip`` (an output head's own norm is over its output, not the stream)."""
+    embs = tuple(n for n, m in model.named_modules()
+                 if isinstance(m, nn.Embedding) and m.embedding_dim == width and "relative_attention_bias" not in n)
+    norms = tuple(Norm(n) for n, m in model.named_modules()
+                  if isinstance(m, norm_cls) and tuple(m.weight.shape) == (width,) and not n.startswith(skip))
+    return embs, norms
+
+
 def _gate_width(model: nn.Module, g) -> int:
-    fold = model.get_submodule(g.gate_fold or (g.linear("o") if isinstance(g, Attention) else g.down[1]))
+    fold = model.get_submodule(g.fold())
     if isinstance(fold, nn.Linear):
         return fold.out_features
     return int(fold.weight.shape[-1])
@@ -712,5 +730,5 @@ class LayoutAdapter(Adapter):
 __all__ = [
     "Attention", "Block", "FFN", "Layout", "LayoutAdapter", "Norm", "Residual", "RoPE", "SharedHeadTable", "WideLayerNorm",
     "adopt_class",
-    "check_layout", "layout_apply", "layout_plan", "layout_sites", "layout_units", "layout_unit_params",
+    "check_layout", "layout_apply", "layout_plan", "layout_sites", "layout_units", "layout_unit_params", "stream_modules",
 ]

@@ -42,7 +42,7 @@ from transformers.models.t5.modeling_t5 import (
 from . import register
 from ._common import median_index, trained_part
 from .attention import split_heads, zero_scores
-from .layout import FFN, Attention, Block, Layout, LayoutAdapter, Norm, Residual, SharedHeadTable
+from .layout import FFN, Attention, Block, Layout, LayoutAdapter, Residual, SharedHeadTable, stream_modules
 
 
 class PrunedT5Attention(T5Attention):
@@ -178,10 +178,7 @@ class T5Adapter(LayoutAdapter):
         if not stacks:
             return None
         d = int(stacks[0][1].config.d_model)
-        norms = tuple(Norm(n) for n, m in model.named_modules() if isinstance(m, T5LayerNorm)
-                      and m.weight.shape == (d,) and not n.startswith("output_patch_embedding"))
-        embs = tuple(n for n, m in model.named_modules()
-                     if isinstance(m, nn.Embedding) and m.embedding_dim == d and "relative_attention_bias" not in n)
+        embs, norms = stream_modules(model, d, T5LayerNorm)
         writers, readers = self._stream_io(model)
         return Residual(d, tuple(f"{sp}.block.0" for sp, _ in stacks), writers, readers, embs, norms)
 
