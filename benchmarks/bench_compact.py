@@ -7,17 +7,21 @@ process, median after warm-up (benchmarks/_common.bench, runs interleaved round-
     requires_grad on every Linear, the reference code's way) holding the same mask values; tsprune
     masks-only (compact=False); tsprune compacted (compact=True); the repacked model (frozen; the
     first layer's weight needs grad so backward traverses the stack, as in calibration).
-(b) A whole calibration (tsprune.train.calibrate) on ETTh1 windows with the model of ``--whole``
-    ("default": the embedded default; "small": Chronos-Bolt-small sizes), compact vs masks-only vs
+(b) A whole calibration on ETTh1 windows with the model of ``--whole`` ("default": the embedded
+    default; "small": Chronos-Bolt-small sizes, random init): EVERY row runs
+    ``tsprune.train.calibrate`` with the same seed, batches, validation and schedule (by default
+    the CLI's calibration defaults, ``CLI_SCHEDULE``); tsprune compacted vs tsprune masks-only vs
     plain autograd masks (the same arena scoring and global select, only the mask gradients come
-    from autograd), wall time and windows/s, and whether the three pruned the same units.
+    from autograd over mask tensors), wall / CPU time, windows/s, and how many units' final masks
+    differ from masks-only's (0 = the same pruning decisions).
 
 (c) ``--memory``: each row of (b) again, each in a fresh subprocess, reporting the process's peak
     resident memory during calibration (sampled every 2 ms from /proc) and its rise over the resident memory just before calibration
     starts (model, its host copy for compaction, data and arena all built), i.e. what the
     calibration loop itself adds at its peak. CPU only; on CUDA use torch.cuda.max_memory_allocated.
 
-    python benchmarks/bench_compact.py [--batch 8] [--reps 3] [--tiny] [--whole default] [--memory]
+    python benchmarks/bench_compact.py [--batch 8] [--reps 3] [--tiny] [--whole default|small|none] [--memory]
+        [--windows 16384 --epochs 4 --calib-batch 128 --macro 1024 --ratio 0.1 --val-windows 4096]
 """
 from __future__ import annotations
 
@@ -125,40 +129,68 @@ def step_table(cfg, batch, reps):
 
 
 class _AutogradMaskPruner:
-    """The baseline of (b): the Pruner's own arena, scoring and select, but mask gradients from
-    plain autograd over mask tensors (one per Linear side), copied into the arena before each step."""
+    """The baseline of (b), run through the SAME ``calibrate`` loop as tsprune (same batches, same
+    validation, same schedule): the Pruner's own arena, scoring and global select, but the mask
+    gradients come from plain autograd over mask tensors (one per Linear side, the reference
+    code's way), summed into the arena before each macro-step. Everything ``calibrate`` reads or
+    sets on its pruner is forwarded to the real Pruner (built with ``compact=False``); ``attach``,
+    ``step``, ``finish_epoch`` and ``prune_now`` are the baseline's own."""
 
     def __init__(self, model, pruner):
-        self.p = pruner
-        self.model = model
-        self.params = attach_autograd_masks(model, pruner.sites)
-        self.slots = []
-        for s in pruner.sites:
-            d = model.get_submodule(s.path)._plain_masks
-            for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
-                if spec is not None:
-                    self.slots.append((d[side], s.mask_name(side), spec.block))
+        object.__setattr__(self, "p", pruner)
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "slots", None)
+
+    def __getattr__(self, k):
+        return getattr(self.p, k)
+
+    def __setattr__(self, k, v):  # calibrate sets macro_batch_size / samples_per_epoch
+        setattr(self.p, k, v)
+
+    def attach(self):
+        if self.slots is None:
+            attach_autograd_masks(self.model, self.p.sites)
+            slots = []
+            for s in self.p.sites:
+                d = self.model.get_submodule(s.path)._plain_masks
+                for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
+                    if spec is not None:
+                        slots.append((d[side], s.mask_name(side), spec.block))
+            object.__setattr__(self, "slots", slots)
         self._sync()
+        return self
 
     def _sync(self):
         with torch.no_grad():
             for t, name, blk in self.slots:
                 t.copy_(self.p.masks[name].repeat_interleave(blk))
 
-    def step(self, n):
-        self.p._seen += n
+    def step(self, n):  # Pruner.step's counting, then this baseline's macro-step
+        self.p._seen += int(n)
         if self.p._seen < self.p.macro_batch_size:
-            return
-        self.flush_and_prune()
+            return None
+        self.p._seen = 0
+        return self.prune_now()
 
-    def flush_and_prune(self):
+    def finish_epoch(self):
+        if self.p._seen == 0 or self.p.done:
+            self.p._seen = 0
+            return None
+        self.p._seen = 0
+        return self.prune_now()
+
+    def prune_now(self):
         with torch.no_grad():
             for t, name, blk in self.slots:
                 if t.grad is not None:
                     self.p.arena.grad_view(name).add_(t.grad.view(-1, blk).sum(1))
                     t.grad = None
-        self.p._seen = 0
-        self.p.prune_now()
+        info = self.p.prune_now()
+        self._sync()
+        return info
+
+    def load_state_dict(self, sd):
+        self.p.load_state_dict(sd)
         self._sync()
 
 
@@ -191,81 +223,86 @@ class _PeakRSS:
         self.peak = max(self.peak, _rss_mib())
 
 
-def whole_calibration(which, windows, epochs, macro=None, only=None):
+#: (b)'s schedule by default: the CLI's calibration defaults (python/tsprune/cli.py: micro-batch
+#: 128, macro-batch 1024, taylor, ema 0.5, ratio 0.1 per epoch, 4 epochs of 16,384 windows,
+#: validation on 4,096 windows at batch 1024), all epochs run (patience = epochs).
+CLI_SCHEDULE = dict(windows=16384, epochs=4, batch=128, macro=1024, ratio=0.1, val_windows=4096)
+ROWS = ("tsprune_compact", "tsprune_masks_only", "autograd_masks")
+
+
+def whole_calibration(which, windows, epochs, macro=None, only=None, batch=8, ratio=0.3, val_windows=None):
+    """(b): every row runs ``tsprune.train.calibrate`` with the same seed, batches, schedule and
+    validation; only how the mask gradients are computed differs (module docstring)."""
     from tsprune.data import make_task
     from tsprune.models import load_model
-    from tsprune.train import calibrate, frozen, mean_loss
+    from tsprune.train import calibrate
 
     if which == "default":
         base = load_model("default")
     else:
         base = build_model(BOLT_SMALL, seed=0)
     task = make_task("ETTh1", lookback=base.config.chronos_config["context_length"], horizon=96,
-                     max_train_windows=windows, max_eval_windows=max(64, windows // 8))
+                     max_train_windows=windows, max_eval_windows=val_windows or max(64, windows // 8))
+    macro = macro or max(1, windows // 4)
     out, masks = {}, {}
-    for name in ("tsprune_compact", "tsprune_masks_only", "autograd_masks"):
+    for name in ROWS:
         if only is not None and name != only:
             continue
         m = copy.deepcopy(base)
-        pr = tsprune.Pruner(m, criterion="taylor", ema=0.5, prune_ratio_per_epoch=0.3,
-                            macro_batch_size=macro or max(1, windows // 4), compact=name == "tsprune_compact")
+        pr = tsprune.Pruner(m, criterion="taylor", ema=0.5, prune_ratio_per_epoch=ratio,
+                            macro_batch_size=macro, compact=name == "tsprune_compact")
         if name == "tsprune_compact":
             pr.enable_compaction()  # its host copy counts as set-up, like the model itself
+        runner = _AutogradMaskPruner(m, pr) if name == "autograd_masks" else pr
         rss0 = _rss_mib()
         sampler = _PeakRSS() if only is not None else None
         if sampler is not None:
             sampler.__enter__()
         t, c = time.perf_counter(), time.process_time()
-        if name == "autograd_masks":
-            # the same loop as calibrate's (validation before and after every epoch included),
-            # with autograd mask gradients
-            ag = _AutogradMaskPruner(m, pr)
-            with frozen(m):
-                m.eval()
-                mean_loss(m, pr.adapter, task.val, 1024)
-                for ep in range(epochs):
-                    for i in range(0, len(task.train), 8):
-                        idx = list(range(i, min(i + 8, len(task.train))))
-                        ctx, tgt = task.train.batch(idx)
-                        pr.adapter.loss(m, ctx, tgt).backward()
-                        ag.step(len(idx))
-                    if pr._seen:
-                        ag.flush_and_prune()
-                    mean_loss(m, pr.adapter, task.val, 1024)
-        else:
-            calibrate(m, pr, task.train, task.val, epochs=epochs, batch_size=8, val_tolerance=10.0,
-                      patience=epochs, seed=0)
+        calibrate(m, runner, task.train, task.val, epochs=epochs, batch_size=batch, val_tolerance=10.0,
+                  patience=epochs, seed=0, eval_batch_size=1024)
         dt, cpu = time.perf_counter() - t, time.process_time() - c
         if sampler is not None:
             sampler.__exit__(None, None, None)
         masks[name] = {k: v.clone() for k, v in pr.masks.items()}
         out[name] = {"wall_s": dt, "cpu_s": cpu, "windows_per_s": epochs * len(task.train) / dt,
-                     "pruned_fraction": pr.pruned_fraction(), "rss_before_mib": rss0}
+                     "pruned_fraction": pr.pruned_fraction(), "macro_steps": pr.macro_steps,
+                     "rss_before_mib": rss0}
         if sampler is not None:
             out[name]["peak_rss_mib"] = sampler.peak
+    setup = {"model": which, "train_windows": len(task.train), "val_windows": len(task.val), "epochs": epochs,
+             "batch": batch, "macro": macro, "ratio": ratio}
     if only is not None:
-        return {"model": which, "train_windows": len(task.train), "epochs": epochs, "runs": out}
+        return {**setup, "runs": out}
     ref = masks["tsprune_masks_only"]
+    units = sum(v.numel() for v in ref.values())
     for name in out:
-        out[name]["same_masks_as_masks_only"] = all(torch.equal(ref[k] != 0, masks[name][k] != 0) for k in ref)
+        differ = sum(int(((ref[k] != 0) != (masks[name][k] != 0)).sum()) for k in ref)
+        out[name]["same_masks_as_masks_only"] = differ == 0
+        out[name]["units_differing_from_masks_only"] = differ
         out[name]["speedup_vs_autograd"] = out["autograd_masks"]["wall_s"] / out[name]["wall_s"]
         out[name]["cpu_speedup_vs_autograd"] = out["autograd_masks"]["cpu_s"] / out[name]["cpu_s"]
-    print(f"(b) whole calibration, {which} model, ETTh1 {len(task.train)} train windows x {epochs} epochs "
-          "(validation before and after every epoch in every row; CPU s = process time, less "
-          "sensitive to other jobs on the machine):")
+    print(f"(b) whole calibration, {which} model, ETTh1 {len(task.train)} train windows x {epochs} epochs, "
+          f"micro-batch {batch}, macro-batch {macro}, ratio {ratio}/epoch (validation on {len(task.val)} "
+          "windows before and after every epoch in every row; CPU s = process time):")
     for k, v in out.items():
         print(f"  {k:20s} {v['wall_s']:8.1f} s wall {v['cpu_s']:8.1f} s CPU  {v['windows_per_s']:7.1f} windows/s  "
               f"{v['speedup_vs_autograd']:.2f}x autograd (CPU {v['cpu_speedup_vs_autograd']:.2f}x)  "
-              f"same masks: {v['same_masks_as_masks_only']}")
-    return {"model": which, "train_windows": len(task.train), "epochs": epochs, "runs": out}
+              f"{v['pruned_fraction']:.1%} pruned, {v['units_differing_from_masks_only']} of {units} units "
+              "differ from masks-only")
+    return {**setup, "runs": out}
 
 
-def memory_table(which, windows, epochs, macro=None):
+def _sched_argv(sched: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in sched.items() if v is not None]
+
+
+def memory_table(which, sched):
     """(c): every row of (b) in its own fresh process; peak RSS and its rise over the set-up."""
     rows = {}
-    for name in ("tsprune_compact", "tsprune_masks_only", "autograd_masks"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--no-step", "--whole", which, "--windows", str(windows),
-               "--epochs", str(epochs), "--only", name, "--json-only"] + (["--macro", str(macro)] if macro else [])
+    for name in ROWS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--no-step", "--whole", which, *_sched_argv(sched),
+               "--only", name, "--json-only"]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         run = json.loads(r.stdout.strip().splitlines()[-1])["runs"][name]
         run["calibration_rise_mib"] = max(0.0, run["peak_rss_mib"] - run["rss_before_mib"])
@@ -283,16 +320,22 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny model for (a) (smoke test)")
     p.add_argument("--whole", default="default", choices=["default", "small", "none"])
-    p.add_argument("--windows", type=int, default=512, help="train windows of (b)")
-    p.add_argument("--macro", type=int, default=None, help="macro-batch of (b) (default: windows / 4)")
-    p.add_argument("--epochs", type=int, default=2)
+    c = CLI_SCHEDULE
+    p.add_argument("--windows", type=int, default=c["windows"], help="train windows per epoch of (b)")
+    p.add_argument("--macro", type=int, default=c["macro"], help="macro-batch of (b)")
+    p.add_argument("--epochs", type=int, default=c["epochs"])
+    p.add_argument("--calib-batch", type=int, default=c["batch"], help="micro-batch of (b)")
+    p.add_argument("--ratio", type=float, default=c["ratio"], help="prune ratio per epoch of (b)")
+    p.add_argument("--val-windows", type=int, default=c["val_windows"], help="validation windows of (b)")
     p.add_argument("--no-step", action="store_true", help="skip (a)")
     p.add_argument("--memory", action="store_true", help="(c): peak memory of each row of (b), one process each")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one row of (b) (used by --memory)
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    sched = dict(windows=a.windows, epochs=a.epochs, macro=a.macro, batch=a.calib_batch, ratio=a.ratio,
+                 val_windows=a.val_windows)
     if a.only:
-        res = whole_calibration(a.whole, a.windows, a.epochs, a.macro, only=a.only)
+        res = whole_calibration(a.whole, only=a.only, **sched)
         print(json.dumps(res))
         return
     cfg = BOLT_TINY if a.tiny else BOLT_SMALL
@@ -300,9 +343,11 @@ def main(argv=None):
     if not a.no_step:
         res["step"] = step_table(cfg, a.batch, a.reps)
     if a.whole != "none":
-        res["whole"] = whole_calibration(a.whole, a.windows, a.epochs, a.macro)
+        res["whole"] = whole_calibration(a.whole, **sched)
     if a.memory and a.whole != "none":
-        res["memory"] = memory_table(a.whole, a.windows, a.epochs, a.macro)
+        res["memory"] = memory_table(a.whole, dict(windows=a.windows, epochs=a.epochs, macro=a.macro,
+                                                   calib_batch=a.calib_batch, ratio=a.ratio,
+                                                   val_windows=a.val_windows))
     name = "compact" + ("_tiny" if a.tiny else "") + ("_step" if a.whole == "none" else "") + \
         ("_whole" if a.no_step else "")
     print("wrote", write(name, res))
