@@ -349,7 +349,7 @@ def main(argv=None):
                                                    calib_batch=a.calib_batch, ratio=a.ratio,
                                                    val_windows=a.val_windows))
     name = "compact" + ("_tiny" if a.tiny else "") + ("_step" if a.whole == "none" else "") + \
-        ("_whole" if a.no_step else "")
+        (f"_whole_{a.whole}" if a.no_step else "")
     print("wrote", write(name, res))
 
 
