@@ -40,11 +40,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("masked_linear_bwd", &tsprune::masked_linear_bwd_op, GilFree(),
         "backward of masked_linear_fwd: [dx, dweight, dbias, dmask_in, dmask_out] (None where "
-        "not needed); adds into acc_* / sq_* in place",
+        "output_mask, five bools in that order, is false); adds into acc_* / sq_* in place",
         py::arg("gy"), py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"),
         py::arg("mask_in"), py::arg("mask_out"), py::arg("block_in"), py::arg("block_out"),
-        py::arg("tokens_per_sample"), py::arg("need_x"), py::arg("need_weight"),
-        py::arg("need_bias"), py::arg("need_mask_in"), py::arg("need_mask_out"),
+        py::arg("tokens_per_sample"), py::arg("output_mask"),
         py::arg("acc_in") = py::none(), py::arg("acc_out") = py::none(),
         py::arg("sq_in") = py::none(), py::arg("sq_out") = py::none(),
         py::arg("y_pre_zero") = py::none());

@@ -38,11 +38,11 @@ SCHEMAS = {
     # x [T, K] -> (y [T, N], y_pre_zero [T, Z]); see ops/masked_linear.py
     "masked_linear_fwd": "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask_in, Tensor? mask_out, "
                          "SymInt block_in, SymInt block_out, bool keep_zero_pre) -> (Tensor, Tensor)",
-    # -> (dx, dweight, dbias, dmask_in, dmask_out), empty where not asked for; accumulators += in place
+    # -> (dx, dweight, dbias, dmask_in, dmask_out), empty where output_mask (in that order, ATen's
+    # convention) is false; accumulators += in place (a mask with one gets it even when false)
     "masked_linear_bwd": "(Tensor gy, Tensor x, Tensor y, Tensor weight, Tensor? bias, Tensor? mask_in, "
                          "Tensor? mask_out, SymInt block_in, SymInt block_out, SymInt tokens_per_sample, "
-                         "bool need_x, bool need_weight, bool need_bias, bool need_mask_in, "
-                         "bool need_mask_out, Tensor(a!)? acc_in, Tensor(b!)? acc_out, Tensor(c!)? sq_in, "
+                         "bool[5] output_mask, Tensor(a!)? acc_in, Tensor(b!)? acc_out, Tensor(c!)? sq_in, "
                          "Tensor(d!)? sq_out, Tensor? y_pre_zero) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "global_kth_smallest": "(Tensor[] tensors, SymInt k, bool ignore_zeros) -> Tensor",
     # returns the number pruned as a 0-d int64 tensor (the wrapper turns it into an int)
@@ -102,7 +102,7 @@ def _torch_ml_bwd(*args):
     x, weight = args[1], args[3]
     _note(x)
     fn = T.masked_linear_bwd_direct if _empty_dims(x, weight) else T.masked_linear_bwd
-    return _tensors(fn(*args[:19]), x)
+    return _tensors(fn(*args[:15]), x)
 
 
 def _torch_kth(tensors, k, ignore_zeros):
@@ -188,7 +188,7 @@ def _triton_ml_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out, keep
 def _triton_ml_bwd(*args):
     if _empty_dims(args[1], args[3]):
         return _torch_ml_bwd(*args)
-    return _tensors(_tk().masked_linear_bwd(*args[:19]), args[1])
+    return _tensors(_tk().masked_linear_bwd(*args[:15]), args[1])
 
 
 def _triton_prune(mask, imp, k):
@@ -238,7 +238,8 @@ def _fake_ml_fwd(x, weight, bias, mask_in, mask_out, block_in, block_out, keep_z
 
 
 def _fake_ml_bwd(gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
-                 need_x, need_weight, need_bias, need_mask_in, need_mask_out, *_accs_and_pre):
+                 output_mask, *_accs_and_pre):
+    need_x, need_weight, need_bias, need_mask_in, need_mask_out = output_mask
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (  # one fresh empty tensor per gradient not asked for (outputs never alias)
         torch.empty_like(x) if need_x else x.new_empty(0),

@@ -79,15 +79,16 @@ def _mask_grad_per_sample(known, other, mask, block, tps, acc_t, recompute_cols)
 
 def masked_linear_bwd(
     gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
-    need_x, need_weight, need_bias, need_mask_in, need_mask_out,
-    acc_in, acc_out, sq_in, sq_out,
+    output_mask, acc_in, acc_out, sq_in, sq_out,
 ):
     """Backward of masked_linear on 2-D operands, the torch backend (see docs/KERNELS.md).
 
     One GEMM for dx with the folded weight; mask gradients recovered from the saved output y and
     from dx, with a GEMM restricted to the channels of zero mask entries. Returns (dx, dweight,
     dbias, dmask_in, dmask_out); entries not needed are None. Mask gradients are fp32 (fp64 for
-    fp64 inputs); accumulators are updated in place."""
+    fp64 inputs); accumulators are updated in place. ``output_mask``: five bools, which of the
+    five results to compute."""
+    need_x, need_weight, need_bias, need_mask_in, need_mask_out = output_mask
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     want_in = mask_in is not None and (need_mask_in or acc_in is not None or sq_in is not None)
     want_out = mask_out is not None and (need_mask_out or acc_out is not None or sq_out is not None)
@@ -129,12 +130,12 @@ def masked_linear_bwd(
 
 def masked_linear_bwd_direct(
     gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
-    need_x, need_weight, need_bias, need_mask_in, need_mask_out,
-    acc_in, acc_out, sq_in, sq_out,
+    output_mask, acc_in, acc_out, sq_in, sq_out,
 ):
     """Backward by the formula, no division by mask values: the path of every backend when a
     dimension is empty (tokens T = 0, samples = 0, K = 0 or N = 0), where it matches F.linear's
     gradients (zeros / empty tensors). Same signature and returns as masked_linear_bwd."""
+    need_x, need_weight, need_bias, need_mask_in, need_mask_out = output_mask
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     t = x.shape[0]
     xm = apply_block_mask(x, mask_in, block_in)

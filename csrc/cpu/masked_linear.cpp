@@ -773,10 +773,11 @@ std::vector<at::Tensor> masked_linear_bwd(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask_in,
     const std::optional<at::Tensor>& mask_out, int64_t block_in, int64_t block_out,
-    int64_t tokens_per_sample, bool need_x, bool need_weight, bool need_bias, bool need_mask_in,
-    bool need_mask_out, const std::optional<at::Tensor>& acc_in,
+    int64_t tokens_per_sample, OutputMask output_mask, const std::optional<at::Tensor>& acc_in,
     const std::optional<at::Tensor>& acc_out, const std::optional<at::Tensor>& sq_in,
     const std::optional<at::Tensor>& sq_out, const std::optional<at::Tensor>& y_pre_zero) {
+  const bool need_x = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2],
+             need_mask_in = output_mask[3], need_mask_out = output_mask[4];
   const at::ScalarType dt = x.scalar_type();
   check_supported(dt);
   check_float_dtype(x, "x", dt);

@@ -55,10 +55,11 @@ std::vector<at::Tensor> masked_linear_bwd_direct(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask_in,
     const std::optional<at::Tensor>& mask_out, int64_t block_in, int64_t block_out,
-    int64_t tokens_per_sample, bool need_x, bool need_weight, bool need_bias, bool need_mask_in,
-    bool need_mask_out, const std::optional<at::Tensor>& acc_in,
+    int64_t tokens_per_sample, OutputMask output_mask, const std::optional<at::Tensor>& acc_in,
     const std::optional<at::Tensor>& acc_out, const std::optional<at::Tensor>& sq_in,
     const std::optional<at::Tensor>& sq_out) {
+  const bool need_x = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2],
+             need_mask_in = output_mask[3], need_mask_out = output_mask[4];
   const auto acc_t = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t T = x.size(0);
   const at::Tensor xm = apply_block_mask(x, mask_in, block_in);
@@ -117,19 +118,16 @@ std::vector<at::Tensor> masked_linear_bwd_op(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask_in,
     const std::optional<at::Tensor>& mask_out, int64_t block_in, int64_t block_out,
-    int64_t tokens_per_sample, bool need_x, bool need_weight, bool need_bias, bool need_mask_in,
-    bool need_mask_out, const std::optional<at::Tensor>& acc_in,
+    int64_t tokens_per_sample, OutputMask output_mask, const std::optional<at::Tensor>& acc_in,
     const std::optional<at::Tensor>& acc_out, const std::optional<at::Tensor>& sq_in,
     const std::optional<at::Tensor>& sq_out, const std::optional<at::Tensor>& y_pre_zero) {
   if (empty_dims(x, weight)) {
     return masked_linear_bwd_direct(gy, x, weight, bias, mask_in, mask_out, block_in, block_out,
-                                    tokens_per_sample, need_x, need_weight, need_bias,
-                                    need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out);
+                                    tokens_per_sample, output_mask, acc_in, acc_out, sq_in, sq_out);
   }
   return masked_linear_bwd(gy.contiguous(), x, y, weight, bias, mask_in, mask_out, block_in,
-                           block_out, tokens_per_sample, need_x, need_weight, need_bias,
-                           need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out,
-                           y_pre_zero);
+                           block_out, tokens_per_sample, output_mask, acc_in, acc_out, sq_in,
+                           sq_out, y_pre_zero);
 }
 
 int64_t prune_lowest_op(const at::Tensor& mask, const at::Tensor& imp, int64_t k) {
@@ -182,13 +180,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_regis
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask_in,
     const std::optional<at::Tensor>& mask_out, int64_t block_in, int64_t block_out,
-    int64_t tokens_per_sample, bool need_x, bool need_weight, bool need_bias, bool need_mask_in,
-    bool need_mask_out, const std::optional<at::Tensor>& acc_in,
+    int64_t tokens_per_sample, OutputMask output_mask, const std::optional<at::Tensor>& acc_in,
     const std::optional<at::Tensor>& acc_out, const std::optional<at::Tensor>& sq_in,
     const std::optional<at::Tensor>& sq_out, const std::optional<at::Tensor>& y_pre_zero) {
   auto r = masked_linear_bwd_op(gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out,
-                                tokens_per_sample, need_x, need_weight, need_bias, need_mask_in,
-                                need_mask_out, acc_in, acc_out, sq_in, sq_out, y_pre_zero);
+                                tokens_per_sample, output_mask, acc_in, acc_out, sq_in, sq_out,
+                                y_pre_zero);
   return {or_empty(r[0], x), or_empty(r[1], x), or_empty(r[2], x), or_empty(r[3], x),
           or_empty(r[4], x)};
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <array>
 #include <vector>
 
 namespace tsprune {
@@ -32,6 +33,11 @@ std::vector<at::Tensor> masked_linear_fwd_keep(const at::Tensor& x, const at::Te
                                                const std::optional<at::Tensor>& mask_out,
                                                int64_t block_in, int64_t block_out);
 
+// Which of masked_linear_bwd's five results to compute: {dx, dweight, dbias, dmask_in,
+// dmask_out} (ATen's convention, e.g. convolution_backward's bool[3] output_mask). A mask with an
+// accumulator gets its gradient added there even when its flag is false.
+using OutputMask = std::array<bool, 5>;
+
 // Backward of masked_linear_fwd. Returns {dx, dweight, dbias, dmask_in, dmask_out};
 // entries that were not asked for are undefined tensors. acc_* / sq_* (float32 or float64,
 // one entry per mask unit) are updated in place: acc += dmask, sq += sum_i dmask_i^2 over
@@ -42,8 +48,7 @@ std::vector<at::Tensor> masked_linear_bwd(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask_in,
     const std::optional<at::Tensor>& mask_out, int64_t block_in, int64_t block_out,
-    int64_t tokens_per_sample, bool need_x, bool need_weight, bool need_bias, bool need_mask_in,
-    bool need_mask_out, const std::optional<at::Tensor>& acc_in,
+    int64_t tokens_per_sample, OutputMask output_mask, const std::optional<at::Tensor>& acc_in,
     const std::optional<at::Tensor>& acc_out, const std::optional<at::Tensor>& sq_in,
     const std::optional<at::Tensor>& sq_out,
     const std::optional<at::Tensor>& y_pre_zero = std::nullopt);
@@ -85,8 +90,7 @@ std::vector<at::Tensor> masked_linear_bwd_op(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask_in,
     const std::optional<at::Tensor>& mask_out, int64_t block_in, int64_t block_out,
-    int64_t tokens_per_sample, bool need_x, bool need_weight, bool need_bias, bool need_mask_in,
-    bool need_mask_out, const std::optional<at::Tensor>& acc_in,
+    int64_t tokens_per_sample, OutputMask output_mask, const std::optional<at::Tensor>& acc_in,
     const std::optional<at::Tensor>& acc_out, const std::optional<at::Tensor>& sq_in,
     const std::optional<at::Tensor>& sq_out, const std::optional<at::Tensor>& y_pre_zero);
 

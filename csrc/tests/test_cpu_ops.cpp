@@ -150,7 +150,7 @@ void test_masked_linear_case(at::ScalarType dt, const LinCase& c, bool with_bias
   if (with_in && with_sq) sq_in = sqbuf_in.narrow(0, 2, Ui);
   if (with_out && with_sq) sq_out = sqbuf_out.narrow(0, 1, Uo);
   const std::vector<at::Tensor> g = tsprune::masked_linear_bwd(
-      gy, x, y, w, bias, mi, mo, c.bi, c.bo, c.tps, true, true, true, true, true, acc_in,
+      gy, x, y, w, bias, mi, mo, c.bi, c.bo, c.tps, {true, true, true, true, true}, acc_in,
       acc_out, sq_in, sq_out);
   report(g.size() == 5, name + ": 5 outputs");
   expect_close(g[0], dx_ref, tol, name + ": dx");
@@ -195,7 +195,7 @@ void test_masked_linear_case(at::ScalarType dt, const LinCase& c, bool with_bias
            name + ": y_pre_zero shape / dtype");
     const at::Tensor acc2 = at::zeros({Uo}, at::kDouble), sq2 = at::zeros({Uo}, at::kDouble);
     const std::vector<at::Tensor> k = tsprune::masked_linear_bwd(
-        gy, x, fk[0], w, bias, mi, mo, c.bi, c.bo, c.tps, true, false, false, with_in, false,
+        gy, x, fk[0], w, bias, mi, mo, c.bi, c.bo, c.tps, {true, false, false, with_in, false},
         std::nullopt, acc2, std::nullopt, with_sq ? std::optional<at::Tensor>(sq2) : std::nullopt,
         fk[1]);
     expect_close(k[0], dx_ref, tol, name + ": dx (kept y_pre)");
@@ -214,7 +214,7 @@ void test_masked_linear_case(at::ScalarType dt, const LinCase& c, bool with_bias
   // Only the mask gradients: everything else undefined, mask gradients unchanged.
   if (with_in || with_out) {
     const std::vector<at::Tensor> h = tsprune::masked_linear_bwd(
-        gy, x, y, w, bias, mi, mo, c.bi, c.bo, c.tps, false, false, false, with_in, with_out,
+        gy, x, y, w, bias, mi, mo, c.bi, c.bo, c.tps, {false, false, false, with_in, with_out},
         std::nullopt, std::nullopt, std::nullopt, std::nullopt);
     report(!h[0].defined() && !h[1].defined() && !h[2].defined(), name + ": unneeded grads undefined");
     if (with_in) expect_close(h[3], dmi_ref, mtol, name + ": dmask_in (mask grads only)");
@@ -267,16 +267,16 @@ void test_masked_linear() {
   expect_error(
       [&] {
         tsprune::masked_linear_bwd(at::randn({6, 3}), x, at::randn({6, 3}), w, std::nullopt,
-                                   std::nullopt, at::ones({3}), 1, 1, 4, true, false, false,
-                                   false, false, std::nullopt, std::nullopt, std::nullopt,
+                                   std::nullopt, at::ones({3}), 1, 1, 4,
+                                   {true, false, false, false, false}, std::nullopt, std::nullopt, std::nullopt,
                                    at::zeros({3}));
       },
       "tokens_per_sample", "masked_linear_bwd tokens_per_sample must divide T");
   expect_error(
       [&] {
         tsprune::masked_linear_bwd(at::randn({6, 3}), x, at::randn({6, 3}), w, std::nullopt,
-                                   std::nullopt, std::nullopt, 1, 1, 1, true, false, false, false,
-                                   false, at::zeros({4}), std::nullopt, std::nullopt, std::nullopt);
+                                   std::nullopt, std::nullopt, 1, 1, 1,
+                                   {true, false, false, false, false}, at::zeros({4}), std::nullopt, std::nullopt, std::nullopt);
       },
       "no mask_in", "masked_linear_bwd acc_in without mask_in");
   expect_error(  // (no random draws here: the later thread-count rounds keep their inputs)
@@ -284,7 +284,7 @@ void test_masked_linear() {
         const at::Tensor m = at::tensor({1.0, 0.0, 0.0}, at::kFloat);
         const std::vector<at::Tensor> f = tsprune::masked_linear_fwd_keep(x, w, std::nullopt, std::nullopt, m, 1, 1);
         tsprune::masked_linear_bwd(at::ones({6, 3}), x, f[0], w, std::nullopt, std::nullopt, m, 1,
-                                   1, 1, false, false, false, false, true, std::nullopt,
+                                   1, 1, {false, false, false, false, true}, std::nullopt,
                                    std::nullopt, std::nullopt, std::nullopt, f[1].narrow(1, 0, 1));
       },
       "y_pre_zero must be", "masked_linear_bwd y_pre_zero of the wrong width");

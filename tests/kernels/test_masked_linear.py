@@ -360,12 +360,12 @@ def test_kept_zero_pre_matches_recompute_path(gen, dtype):
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 3e-2)
     torch.testing.assert_close(ypz.double(), ref_pre, atol=tol * 10, rtol=tol)
     torch.testing.assert_close(y1.double(), y0.double(), atol=tol * 10, rtol=tol, equal_nan=True)
-    args = (1, bo, T // 4, False, False, False, False, True)
+    args = (1, bo, T // 4, [False, False, False, False, True])
     acc_a, sq_a = torch.zeros(n // bo, dtype=torch.float64), torch.zeros(n // bo, dtype=torch.float64)
     acc_b, sq_b = torch.zeros_like(acc_a), torch.zeros_like(sq_a)
     ra = C.masked_linear_bwd(gy, x, y1, w, b, None, mo, *args, None, None, None, None, ypz)
     rb = C.masked_linear_bwd(gy, x, y1, w, b, None, mo, *args, None, acc_b, None, sq_b)
-    C.masked_linear_bwd(gy, x, y1, w, b, None, mo, *args[:-1], False, None, acc_a, None, sq_a, ypz)
+    C.masked_linear_bwd(gy, x, y1, w, b, None, mo, 1, bo, T // 4, [False] * 5, None, acc_a, None, sq_a, ypz)
     torch.testing.assert_close(ra[4].double(), rb[4].double(), atol=tol * 100, rtol=tol * 10)
     torch.testing.assert_close(acc_a, acc_b, atol=tol * 100, rtol=tol * 10)
     torch.testing.assert_close(sq_a, sq_b, atol=tol * 1000, rtol=tol * 10)
@@ -413,7 +413,7 @@ def test_custom_ops_opcheck(gen):
     for z in (ypz, None):
         torch.library.opcheck(
             torch.ops.tsprune.masked_linear_bwd.default,
-            (gy, x, y, w, b, mi, mo, 2, 1, 3, True, False, True, True, True, None, None, None, None, z),
+            (gy, x, y, w, b, mi, mo, 2, 1, 3, [True, False, True, True, True], None, None, None, None, z),
         )
 
 

@@ -31,9 +31,9 @@ def _cases(gen):
     yield "masked_linear_fwd", (x, w, b, mi, mo, 2, 1, True)
     yield "masked_linear_fwd", (x, w, None, None, mo[:3], 1, 2, False)
     yield "masked_linear_fwd", (torch.randn(0, 8), w, b, mi, mo, 2, 1, True)  # no tokens
-    yield "masked_linear_bwd", (gy, x, y, w, b, mi, mo, 2, 1, 3, True, True, True, True, True,
+    yield "masked_linear_bwd", (gy, x, y, w, b, mi, mo, 2, 1, 3, [True] * 5,
                                 None, None, None, None, ypz)
-    yield "masked_linear_bwd", (gy, x, y, w, b, mi, mo, 2, 1, 4, True, False, False, False, False,
+    yield "masked_linear_bwd", (gy, x, y, w, b, mi, mo, 2, 1, 4, [True, False, False, False, False],
                                 torch.zeros(4), torch.zeros(6, dtype=torch.float64), torch.zeros(4),
                                 torch.zeros(6), None)
     yield "global_kth_smallest", (scores, 5, True)

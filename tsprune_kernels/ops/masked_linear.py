@@ -74,7 +74,7 @@ class _MaskedLinear(torch.autograd.Function):
         need_mo = need[4] and mask_out is not None and acc_out is None
         dx, dw, db, dmi, dmo = masked_linear_bwd(
             gy2, x2, y2, weight, bias, mask_in, mask_out, ctx.blocks[0], ctx.blocks[1],
-            ctx.tokens_per_sample, need[0], need[1], need[2] and bias is not None, need_mi, need_mo,
+            ctx.tokens_per_sample, [need[0], need[1], need[2] and bias is not None, need_mi, need_mo],
             acc_in, acc_out, sq_in, sq_out, ypz,
         )
         return (

@@ -544,15 +544,15 @@ def _zeros(side: _Side, a, amask, ablock, w_rows_cols, bias, m, T, R, C, tps, th
 
 def masked_linear_bwd(
     gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
-    need_x, need_weight, need_bias, need_mask_in, need_mask_out,
-    acc_in, acc_out, sq_in, sq_out,
+    output_mask, acc_in, acc_out, sq_in, sq_out,
 ):
     """Same contract as torch_impl.masked_linear_bwd: (dx, dweight, dbias, dmask_in, dmask_out),
-    None where not needed; accumulators updated in place."""
+    None where ``output_mask`` is false; accumulators updated in place."""
     if _degenerate(x, weight):
         return torch_impl.masked_linear_bwd(
             gy, x, y, weight, bias, mask_in, mask_out, block_in, block_out, tokens_per_sample,
-            need_x, need_weight, need_bias, need_mask_in, need_mask_out, acc_in, acc_out, sq_in, sq_out)
+            output_mask, acc_in, acc_out, sq_in, sq_out)
+    need_x, need_weight, need_bias, need_mask_in, need_mask_out = output_mask
     T, K = x.shape
     N = weight.shape[0]
     dev = x.device
