@@ -28,17 +28,15 @@ import time
 
 import torch
 
-# Fine-tune defaults on the embedded default model (ETTh1 h96). benchmarks/sweep_finetune.py
-# (results/sweep_finetune.md) chose 1200 steps and found lr 3e-3 best of 3e-4 / 1e-3 / 3e-3; the
-# validation search of benchmarks/bench_accuracy.py (2026-12-04, benchmarks/README.md) then found
-# higher rates better still: val MSE 0.934 / 0.804 / 0.766 / 0.722 at lr 3e-3 / 6e-3 / 1e-2 / 2e-2
-# (fine-tune) and 0.902 / 0.726 at 3e-3 / 1e-2 (prune-then-finetune). 1e-2: the rate both settings
-# were measured at, one step below the largest tried.
-FT_LR = 1e-2
-FT_STEPS = 1200
-FT_BATCH = 128
-FT_WARMUP = 0.05
-FT_EVAL_EVERY = 200
+from .train import FINETUNE_DEFAULTS
+
+# Fine-tune defaults: tsprune.train.FINETUNE_DEFAULTS (measured there; benchmarks/README.md
+# "Fine-tune defaults").
+FT_LR = FINETUNE_DEFAULTS["lr"]
+FT_STEPS = FINETUNE_DEFAULTS["steps"]
+FT_BATCH = FINETUNE_DEFAULTS["batch_size"]
+FT_WARMUP = FINETUNE_DEFAULTS["warmup"]
+FT_EVAL_EVERY = FINETUNE_DEFAULTS["eval_every"]
 
 
 def _log(msg: str) -> None:
@@ -661,13 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--ft-max-steps", type=pos, default=None, help="hard cap on the optimiser steps")
         g.add_argument("--warmup", type=nonneg, default=FT_WARMUP,
                        help="linear lr warm-up: a fraction of the budget (< 1) or a number of steps")
-        g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="lr after the warm-up")
+        g.add_argument("--schedule", default=FINETUNE_DEFAULTS["schedule"], choices=["cosine", "constant"], help="lr after the warm-up")
         g.add_argument("--weight-decay", type=nonneg, default=0.0, help="AdamW weight decay")
         g.add_argument("--eval-every", type=pos, default=FT_EVAL_EVERY,
                        help="validation check every this many steps (and at the end); the best check is kept")
-        g.add_argument("--select", default="mse", choices=["mse", "loss"],
+        g.add_argument("--select", default=FINETUNE_DEFAULTS["select"], choices=["mse", "loss"],
                        help="what the checks compare: validation MSE (the reported metric) or the model's own loss")
-        g.add_argument("--ft-patience", type=_num(int, 0), default=0,
+        g.add_argument("--ft-patience", type=_num(int, 0), default=FINETUNE_DEFAULTS["patience"],
                        help="stop after this many checks in a row without a gain (0: run the whole budget)")
         g.add_argument("--lora-rank", type=_num(int, 0), default=0,
                        help="train rank-R LoRA adapters on every Linear (peft; alpha 2R) instead of every "

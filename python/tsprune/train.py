@@ -322,6 +322,15 @@ def calibrate(
 
 
 SCHEDULES = ("constant", "cosine")
+
+#: The fine-tune settings of the CLI (``tsprune run / finetune``), measured on the embedded default
+#: (ETTh1 h96): benchmarks/sweep_finetune.py chose 1200 steps of 128 with 5% warm-up + cosine and
+#: selection by validation MSE; lr 1e-2 had the best validation MSE of 3e-4 ... 4e-2
+#: (results/sweep_finetune.md, results/sweep_finetune_high_lr.md; benchmarks/README.md "Fine-tune
+#: defaults"). ``finetune``'s own keyword defaults are the plain one-epoch loop;
+#: ``finetune(model, adapter, train, val, **FINETUNE_DEFAULTS)`` trains as the CLI does.
+FINETUNE_DEFAULTS = {"steps": 1200, "lr": 1e-2, "batch_size": 128, "warmup": 0.05, "schedule": "cosine",
+                     "eval_every": 200, "select": "mse", "patience": 0}
 SELECT = ("loss", "mse")
 
 
