@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from .train import FINETUNE_DEFAULTS
@@ -171,6 +172,34 @@ def _metrics(model, adapter, ds, a) -> dict:
             "test_windows": m["windows"], "test_windows_available": ds.n_available,
             "n_values": m["values"], "eval_seconds": round(m["seconds"], 2),
             "ms_per_window": m["ms_per_window"]}
+
+
+def _speed(models: dict, adapter, ds, a, reps: int = 3) -> dict:
+    """Inference ms per window of each model, side by side: one batch of test windows (the eval
+    batch size), a warm-up prediction each, then ``reps`` rounds predicting it with every model in
+    turn; the median per model. The whole-pass ``eval_seconds`` of each evaluation is taken at a
+    different time and moves with the machine's load; this is the number to compare models by."""
+    import statistics as st
+
+    from .train import _device, autocast
+
+    n = min(a.eval_batch_size, len(ds))
+    if n == 0:
+        return {}
+    ctx, tgt = ds.batch(np.arange(n))
+    times = {k: [] for k in models}
+    with torch.no_grad():
+        for r in range(reps + 1):
+            for k, m in models.items():
+                m.eval()
+                dev = _device(m)
+                x = ctx.to(dev)
+                t = time.perf_counter()
+                with autocast(a.amp, dev):
+                    adapter.predict(m, x, tgt.shape[-1])
+                if r:  # round 0 is the warm-up
+                    times[k].append(time.perf_counter() - t)
+    return {k: round(1e3 * st.median(v) / n, 4) for k, v in times.items()}
 
 
 def _val_mse(model, adapter, ds, a) -> float:
@@ -425,6 +454,16 @@ def cmd_run(a) -> dict:
     results["zero_shot"]["pruned_units_fraction"] = results["finetune"]["pruned_units_fraction"] = 0.0
     _log(f"prune-then-finetune (ratio {c['prune_ratio_per_epoch']:g}, ema {c['ema']:g}, lr {c['lr']:g}): "
          f"test MSE {results['prune_finetune']['mse']:.4f}, {results['prune_finetune']['params']:,} params")
+    # inference speed side by side (fine-tune has the zero-shot model's shapes: the same speed)
+    sp = _speed({"full": base, "pruned": keep_model}, adapter, task.test, a)
+    if sp:
+        for k, which in (("zero_shot", "full"), ("finetune", "full"), ("prune_finetune", "pruned")):
+            results[k]["ms_per_window"] = sp[which]
+        results["speed"] = {"ms_per_window": sp, "speedup": round(sp["full"] / max(sp["pruned"], 1e-12), 3),
+                            "windows": min(a.eval_batch_size, len(task.test)), "method":
+                            "median of 3 interleaved predictions of one batch of test windows after a warm-up"}
+        _log(f"inference: {sp['full']:.3f} ms / window full, {sp['pruned']:.3f} pruned "
+             f"({results['speed']['speedup']:.2f}x), measured side by side")
     if a.search:
         search["picked"] = {"finetune": results["finetune"]["hyper"], "prune_finetune": results["prune_finetune"]["hyper"]}
         results["search"] = search

@@ -91,8 +91,8 @@ def _pct(v) -> str:
 def results_table(results: dict) -> str:
     """Markdown table of the settings and baselines: test MSE (± std over seeds), MAE, parameters,
     % of parameters removed (vs zero-shot), % of units pruned, test windows evaluated / available,
-    inference ms per window (after warm-up), rank by MSE and which rows each one beats (lower MSE);
-    then one line ordering all rows."""
+    inference ms per window (``tsprune run``: the models timed side by side on one test batch),
+    rank by MSE and which rows each one beats (lower MSE); then one line ordering all rows."""
     rows = result_rows(results)
     zp = (results.get("zero_shot") or {}).get("params")
     order = sorted(range(len(rows)), key=lambda i: rows[i][1]["mse"])

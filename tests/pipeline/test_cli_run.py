@@ -170,6 +170,14 @@ def test_capped_test_set_says_n_of_m_and_baselines_share_it(tmp_path):
         assert r["mse"] == pytest.approx(sum(s["mse"] for s in r["seeds"]) / 2)
         assert r["mae"] == pytest.approx(sum(s["mae"] for s in r["seeds"]) / 2)
     assert md.count(" ± ") >= 4  # MSE and MAE of both trained rows
+    # inference speed measured side by side: the table's ms / window come from it (fine-tune has
+    # the zero-shot model's shapes, so its number is the full model's)
+    sp = res["speed"]
+    assert sp["ms_per_window"]["full"] > 0 and sp["ms_per_window"]["pruned"] > 0
+    assert sp["speedup"] == pytest.approx(sp["ms_per_window"]["full"] / sp["ms_per_window"]["pruned"], rel=1e-2)
+    assert res["zero_shot"]["ms_per_window"] == res["finetune"]["ms_per_window"] == sp["ms_per_window"]["full"]
+    assert res["prune_finetune"]["ms_per_window"] == sp["ms_per_window"]["pruned"]
+    assert sp["windows"] == 40
 
 
 def test_evaluate_caps_and_reports_windows(tmp_path, capsys):
