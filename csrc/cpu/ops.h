@@ -4,10 +4,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <tuple>
-#include <array>
 #include <vector>
 
 namespace tsprune {
