@@ -230,7 +230,9 @@ CLI_SCHEDULE = dict(windows=16384, epochs=4, batch=128, macro=1024, ratio=0.1, v
 ROWS = ("tsprune_compact", "tsprune_masks_only", "autograd_masks")
 
 
-def whole_calibration(which, windows, epochs, macro=None, only=None, batch=8, ratio=0.3, val_windows=None):
+def whole_calibration(which, windows=CLI_SCHEDULE["windows"], epochs=CLI_SCHEDULE["epochs"],
+                      macro=CLI_SCHEDULE["macro"], only=None, batch=CLI_SCHEDULE["batch"],
+                      ratio=CLI_SCHEDULE["ratio"], val_windows=CLI_SCHEDULE["val_windows"]):
     """(b): every row runs ``tsprune.train.calibrate`` with the same seed, batches, schedule and
     validation; only how the mask gradients are computed differs (module docstring)."""
     from tsprune.data import make_task
