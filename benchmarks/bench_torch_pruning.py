@@ -24,7 +24,6 @@ still runs. Writes ``benchmarks/results/torch_pruning_<model>.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import sys
