@@ -13,7 +13,9 @@ exchange_rate and national_illness (when found offline). ETTh1 is never read, so
 ETTh1 zero-shot number is a real zero-shot number.
 
 Training: AdamW, linear warm-up then cosine decay over ``--steps``, gradient clipping 1.0, bf16
-autocast on CPU where the processor has native bf16 (``--amp``). A checkpoint (model, optimiser,
+autocast on a GPU and on CPUs with native bf16 (``--amp``). ``--device`` picks where it trains
+(CUDA when available); ``--workers N`` generates the corpus in N processes, which a GPU needs (one
+core makes ~2-3 batches of 256 per second); ``scripts/gpu_pretrain.sh`` runs it on a lent GPU. A checkpoint (model, optimiser,
 step, RNG state) is written atomically every ``--ckpt-minutes`` and at the end; rerunning the same
 command resumes from it (``--steps`` may be raised on resume: the schedule is a function of
 step / steps); with ``--max-minutes`` the cosine runs on whichever of step / steps and
@@ -123,13 +125,78 @@ def _monitor_batch(seed: int, real: list[np.ndarray], n: int = 256):
     return w[:, :DEFAULT_CONTEXT], w[:, DEFAULT_CONTEXT:]
 
 
+class _CorpusStream(torch.utils.data.IterableDataset):
+    """Corpus batches generated in DataLoader worker processes (``--workers``): on a GPU the
+    generator (KernelSynth Choleskys, procedural series, mixtures: ~0.3-0.5 s per batch of 256 on
+    one core) would otherwise starve the training step. Worker ``i`` of ``n`` draws from its own
+    Corpus seeded by (seed, the step training resumes at, i), with a pool of ``pool_size / n``
+    series, and yields (windows [batch, length] float32, source counts [3], replaced-window count)
+    per batch. The stream is reproducible for a given resume history, not step-for-step equal to
+    the in-process one (``workers=0``, whose RNG state the checkpoint restores exactly)."""
+
+    def __init__(self, seed: int, start_step: int, real: list, pool_size: int, batch: int):
+        super().__init__()
+        self.seed, self.start_step, self.real, self.pool_size, self.batch = seed, start_step, real, pool_size, batch
+
+    def __iter__(self):
+        from .corpus import Corpus
+
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.start_step, wid]))
+        c = Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, self.real,
+                   pool_size=max(16, self.pool_size // n))
+        while True:
+            before, rej = c.counts.copy(), c.rejected
+            w = torch.from_numpy(c.sample(self.batch))
+            yield w, torch.from_numpy(c.counts - before), c.rejected - rej
+
+
+_SHAPE_KEYS = ("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "num_decoder_layers")
+
+
+def _init_weights(path: pathlib.Path):
+    """(state dict in float32, shape overrides, description) of a saved, unpruned Chronos-Bolt."""
+    from .checkpoint import load_pruned
+
+    m = load_pruned(path)  # validates the directory (checksums, fields) and builds no code from it
+    plan = getattr(m, "tsprune_plan", None)
+    if plan is not None and (plan.linears or plan.keep or plan.attrs):
+        raise ValueError(f"pretrain: --init {path} is a pruned model; pre-training needs the full shape")
+    cfg = m.config.to_dict()
+    shape = {k: cfg[k] for k in _SHAPE_KEYS if k in cfg}
+    info = json.loads((path / "meta.json").read_text()).get("extra", {}).get("pretrain", {})
+    desc = f"{path} ({sum(p.numel() for p in m.parameters()):,} parameters" + (
+        f", pre-trained {info['steps_done']} steps" if "steps_done" in info else "") + ")"
+    return {k: v.float() for k, v in m.state_dict().items()}, shape, desc
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"pretrain: --device {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("pretrain: --device cuda was asked for but torch sees no CUDA device")
+    return dev
+
+
 def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float = 1e-3, warmup: int = 300,
              seed: int = 0, amp: bool = True, ckpt_minutes: float = 5.0, max_minutes: float | None = None,
-             pool_size: int = 2048, shape: dict | None = None):
+             pool_size: int = 2048, shape: dict | None = None, device: str | torch.device = "cpu",
+             workers: int = 0, init: str | pathlib.Path | None = None):
     """Train (or resume) until ``steps`` or ``max_minutes``; returns (model, info).
 
     ``shape``: overrides of DEFAULT_CONFIG (d_model, d_kv, num_heads, d_ff, layers); stored in the
-    checkpoint, so a resumed or exported run rebuilds the same shape."""
+    checkpoint, so a resumed or exported run rebuilds the same shape. ``device``: where the model
+    trains (bf16 autocast on that device type when ``amp``). ``workers``: corpus batches generated
+    in that many worker processes (:class:`_CorpusStream`); 0 generates them in this process.
+    ``init``: a new run (no checkpoint yet) starts from the weights of this saved model directory
+    (written by ``save_pruned``, e.g. an earlier export; unpruned), its shape, and a fresh optimiser
+    and schedule; recorded in the checkpoint. Ignored when resuming."""
     from .corpus import Corpus, real_train_series
 
     ckpt = pathlib.Path(ckpt)
@@ -139,8 +206,17 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
     saved = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.is_file() else None
     if saved is not None:  # the checkpoint's shape wins over the command line's
         shape = saved["config"].get("shape", shape)
+    init_sd, init_desc = None, None
+    if saved is None and init is not None:
+        init_sd, shape, init_desc = _init_weights(pathlib.Path(init))
+    elif saved is not None:
+        init_desc = saved["config"].get("init")
     shape = dict(shape or {})
+    dev = torch.device(device)
     model = build_model(shape, seed=seed)
+    if init_sd is not None:
+        model.load_state_dict(init_sd)
+    model = model.to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     state = {"step": 0, "samples": 0, "wall_s": 0.0, "counts": [0, 0, 0]}
@@ -153,19 +229,53 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         torch.set_rng_state(saved["torch_rng"])
         saved = None  # free the loaded copy: the model and optimiser hold the state now
         log(f"pretrain: resumed from {ckpt} at step {state['step']}")
-    corpus = Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, real, pool_size=pool_size)
-    mon_ctx, mon_tgt = _monitor_batch(seed, real)
+    elif init_desc is not None:
+        log(f"pretrain: initialised from {init_desc}")
+    if workers > 0:  # generation in worker processes; counts come back with every batch
+        corpus = None
+        counts, rejected = np.zeros(3, np.int64), [0]
+        # spawned workers with one BLAS / OpenMP thread each: the generator's Choleskys in
+        # several multi-threaded BLAS pools at once oversubscribe the cores (measured 6x slower)
+        blas = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        env = {k: os.environ.get(k) for k in blas}
+        os.environ.update({k: "1" for k in blas})
+        try:
+            loader = iter(torch.utils.data.DataLoader(
+                _CorpusStream(seed, state["step"], real, pool_size, batch), batch_size=None, num_workers=workers,
+                prefetch_factor=4, persistent_workers=True, pin_memory=dev.type == "cuda",
+                multiprocessing_context="spawn"))
+        finally:
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+        def next_batch() -> torch.Tensor:
+            w, c, r = next(loader)
+            counts[:] += c.numpy()
+            rejected[0] += int(r)
+            return w
+    else:
+        corpus = Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, real, pool_size=pool_size)
+        counts, rejected = corpus.counts, None
+
+        def next_batch() -> torch.Tensor:
+            return torch.from_numpy(corpus.sample(batch))
+    n_rejected = (lambda: rejected[0]) if corpus is None else (lambda: corpus.rejected)
+    mon_ctx, mon_tgt = (t.to(dev) for t in _monitor_batch(seed, real))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretrain: {n_params:,} parameters; real train splits: {real_desc}; amp={'bf16' if amp else 'off'}; "
-        f"threads={torch.get_num_threads()}; steps={steps} batch={batch} lr={lr}")
+        f"device={dev}; workers={workers}; threads={torch.get_num_threads()}; steps={steps} batch={batch} lr={lr}")
 
     def save():
-        state["counts"] = [int(a + b) for a, b in zip(state.get("counts", [0, 0, 0]), corpus.counts)]
-        corpus.counts[:] = 0
+        state["counts"] = [int(a + b) for a, b in zip(state.get("counts", [0, 0, 0]), counts)]
+        counts[:] = 0
         _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
                       "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                       "config": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "seed": seed,
-                                 "amp": amp, "real": real_desc, "shape": shape}}, ckpt)
+                                 "amp": amp, "real": real_desc, "shape": shape, "device": str(dev),
+                                 "workers": workers, "init": init_desc}}, ckpt)
 
     t_start = time.time()
     wall0 = state["wall_s"]
@@ -182,8 +292,8 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         s = state["step"]
         for g in opt.param_groups:
             g["lr"] = lr * _lr_factor(s, progress(), warmup)
-        w = torch.from_numpy(corpus.sample(batch))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        w = next_batch().to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(context=w[:, :DEFAULT_CONTEXT], target=w[:, DEFAULT_CONTEXT:]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,10 +307,10 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         if s % 50 == 0 or state["step"] == steps:
             rec = {"step": state["step"], "loss": lv, "loss_ema": run_loss, "grad_norm": float(gn),
                    "lr": opt.param_groups[0]["lr"], "samples": state["samples"], "wall_s": state["wall_s"],
-                   "rejected_windows": corpus.rejected}
+                   "rejected_windows": n_rejected()}
             if s % 250 == 0 or state["step"] == steps:
                 model.eval()
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     rec["monitor_loss"] = float(model(context=mon_ctx, target=mon_tgt).loss)
                 model.train()
             log(f"step {state['step']:6d}  loss {lv:.4f} (ema {run_loss:.4f})  "
@@ -256,6 +366,11 @@ def main(argv=None):
     p.add_argument("--ckpt-minutes", type=float, default=5.0)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--pool-size", type=int, default=2048)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--init", default=None,
+                   help="a new run starts from this saved model directory's weights and shape (e.g. an export)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="corpus generation in this many worker processes (0: in this process, exact resume)")
     p.add_argument("--d-model", type=int, default=None, help="residual width (default 256, the official tiny)")
     p.add_argument("--d-ff", type=int, default=None, help="FFN width (default 1024)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")
@@ -270,9 +385,18 @@ def main(argv=None):
     if a.export:
         export(pathlib.Path(a.ckpt), pathlib.Path(a.export), a.storage)
         return
-    amp = cpu_has_bf16() if a.amp == "auto" else a.amp == "bf16"
-    pretrain(pathlib.Path(a.ckpt), a.steps, a.batch, a.lr, a.warmup, a.seed, amp, a.ckpt_minutes,
-             a.max_minutes, a.pool_size, shape)
+    if a.workers < 0:
+        raise SystemExit(f"error: pretrain: --workers must be >= 0, got {a.workers}")
+    try:
+        dev = pick_device(a.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    amp = (dev.type == "cuda" or cpu_has_bf16()) if a.amp == "auto" else a.amp == "bf16"
+    try:
+        pretrain(pathlib.Path(a.ckpt), a.steps, a.batch, a.lr, a.warmup, a.seed, amp, a.ckpt_minutes,
+                 a.max_minutes, a.pool_size, shape, device=dev, workers=a.workers, init=a.init)
+    except ValueError as e:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

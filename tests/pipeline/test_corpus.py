@@ -137,3 +137,64 @@ def test_corpus_never_emits_a_window_beyond_max_peak():
     # with the default bound (50) a flat continuation is always inside it: |x_i - mean| <= sqrt(n-1) std
     c50 = Corpus(96, 64, np.random.default_rng(2), [], pool_size=8, weights=(0.3, 0.7, 0.0))
     assert max(normalised_peak(r, 64) for r in c50.sample(256)) <= 50.0
+
+
+def _tiny_pretrain(monkeypatch):
+    from tsprune import pretrain as P
+
+    tiny = dict(d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=1, num_decoder_layers=1)
+    real_build = P.build_model
+    monkeypatch.setattr(P, "build_model", lambda overrides=None, seed=0: real_build(tiny, seed))
+    monkeypatch.setattr(P, "REAL_SOURCES", ())
+    # the loss monitor's fixed batch (64 GP draws) is not what these tests are about
+    g = torch.Generator().manual_seed(0)
+    mon = (torch.randn(8, P.DEFAULT_CONTEXT, generator=g), torch.randn(8, P.DEFAULT_HORIZON, generator=g))
+    monkeypatch.setattr(P, "_monitor_batch", lambda seed, real, n=256: mon)
+    return P
+
+
+def test_pretrain_with_generator_workers_counts_every_sample_and_resumes(tmp_path, monkeypatch):
+    P = _tiny_pretrain(monkeypatch)
+    ck = tmp_path / "w.pt"
+    _, info1 = P.pretrain(ck, steps=3, batch=4, warmup=1, amp=False, pool_size=4, workers=1)
+    assert info1["steps_done"] == 3 and sum(info1["source_counts"].values()) == 12
+    _, info2 = P.pretrain(ck, steps=5, batch=4, warmup=1, amp=False, pool_size=4, workers=2)
+    assert info2["steps_done"] == 5 and info2["samples_seen"] == 20
+    assert sum(info2["source_counts"].values()) == 20  # counts come back from the worker processes
+    log = (tmp_path / "w.pt.log.jsonl").read_text()
+    assert "workers=1" in log and "workers=2" in log and "resumed from" in log
+
+
+def test_pretrain_init_starts_from_a_saved_model_and_refuses_a_pruned_one(tmp_path, monkeypatch):
+    import tsprune
+
+    P = _tiny_pretrain(monkeypatch)
+    ck = tmp_path / "a.pt"
+    P.pretrain(ck, steps=2, batch=4, warmup=1, amp=False, pool_size=4)
+    P.export(ck, tmp_path / "exp", "float32")
+    exported = tsprune.load_pruned(tmp_path / "exp")
+    # lr 0: one optimiser step changes nothing, so the new run's weights are the init's exactly
+    m, info = P.pretrain(tmp_path / "b.pt", steps=1, batch=4, warmup=1, lr=0.0, amp=False, pool_size=4,
+                         init=tmp_path / "exp")
+    for (k, a), b in zip(m.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert "initialised from" in (tmp_path / "b.pt.log.jsonl").read_text()
+    # a pruned model has lost units: pre-training it would not be the model's shape
+    pr = tsprune.Pruner(exported, criterion="magnitude", macro_batch_size=10**9)
+    with torch.no_grad():
+        next(iter(pr.masks.values()))[0] = 0.0
+    tsprune.save_pruned(pr.repack(), tmp_path / "pruned")
+    with pytest.raises(ValueError, match="pruned model"):
+        P.pretrain(tmp_path / "c.pt", steps=1, batch=4, amp=False, pool_size=4, init=tmp_path / "pruned")
+
+
+def test_pick_device_names_the_option():
+    from tsprune import pretrain as P
+
+    assert P.pick_device("cpu").type == "cpu"
+    assert P.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="--device 'nonsense'"):
+        P.pick_device("nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            P.pick_device("cuda")
