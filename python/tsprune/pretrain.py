@@ -15,7 +15,8 @@ ETTh1 zero-shot number is a real zero-shot number.
 Training: AdamW, linear warm-up then cosine decay over ``--steps``, gradient clipping 1.0, bf16
 autocast on a GPU and on CPUs with native bf16 (``--amp``). ``--device`` picks where it trains
 (CUDA when available); ``--workers N`` generates the corpus in N processes, which a GPU needs (one
-core makes ~2-3 batches of 256 per second); ``scripts/gpu_pretrain.sh`` runs it on a lent GPU. A checkpoint (model, optimiser,
+core makes ~2-3 batches of 256 per second); ``scripts/gpu_pretrain.sh`` runs it on a lent GPU;
+``--init DIR`` starts from a saved model's weights. A checkpoint (model, optimiser,
 step, RNG state) is written atomically every ``--ckpt-minutes`` and at the end; rerunning the same
 command resumes from it (``--steps`` may be raised on resume: the schedule is a function of
 step / steps); with ``--max-minutes`` the cosine runs on whichever of step / steps and
