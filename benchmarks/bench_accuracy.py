@@ -152,7 +152,8 @@ def main(argv=None):
     path = write(a.name, payload)
     m = machine()
     head = (f"# Accuracy: `{a.model}` model, {a.seeds} seeds, hyper-parameters picked on validation MSE\n\n"
-            f"Measured at commit {commit} on {m.get('cpu', m)}; extra `tsprune run` options: "
+            f"Gathered at commit {commit} on {m.get('cpu', m)} (each cell was measured when it ran; "
+            f"benchmarks/README.md lists their commits); extra `tsprune run` options: "
             f"`{' '.join(extra) or 'none'}`. MSE on every window of the standard test split (scaled values).")
     md = path.with_suffix(".md")
     tmp = md.with_suffix(".md.tmp")
