@@ -128,70 +128,51 @@ def step_table(cfg, batch, reps):
     return {"steps": r, **meta}
 
 
-class _AutogradMaskPruner:
-    """The baseline of (b), run through the SAME ``calibrate`` loop as tsprune (same batches, same
-    validation, same schedule): the Pruner's own arena, scoring and global select, but the mask
-    gradients come from plain autograd over mask tensors (one per Linear side, the reference
-    code's way), summed into the arena before each macro-step. Everything ``calibrate`` reads or
-    sets on its pruner is forwarded to the real Pruner (built with ``compact=False``); ``attach``,
-    ``step``, ``finish_epoch`` and ``prune_now`` are the baseline's own."""
+def _use_autograd_masks(model, pruner):
+    """The baseline of (b): the real Pruner, run by the SAME ``calibrate`` loop as tsprune (its own
+    step / epoch counting, arena scoring and global select), but its masks are plain autograd mask
+    tensors on every Linear side (the reference code's way) instead of the arena's kernels. Three
+    of its methods are swapped on this instance only: ``attach`` puts the autograd masks on,
+    ``prune_now`` first sums their gradients into the arena and afterwards copies the new masks
+    back, ``load_state_dict`` copies the restored masks back. The Pruner must have compact=False."""
+    import types
 
-    def __init__(self, model, pruner):
-        object.__setattr__(self, "p", pruner)
-        object.__setattr__(self, "model", model)
-        object.__setattr__(self, "slots", None)
+    slots = []
+    real_prune, real_load = pruner.prune_now, pruner.load_state_dict
 
-    def __getattr__(self, k):
-        return getattr(self.p, k)
-
-    def __setattr__(self, k, v):  # calibrate sets macro_batch_size / samples_per_epoch
-        setattr(self.p, k, v)
+    def sync():
+        with torch.no_grad():
+            for t, name, blk in slots:
+                t.copy_(pruner.masks[name].repeat_interleave(blk))
 
     def attach(self):
-        if self.slots is None:
-            attach_autograd_masks(self.model, self.p.sites)
-            slots = []
-            for s in self.p.sites:
-                d = self.model.get_submodule(s.path)._plain_masks
-                for side, spec in (("in", s.mask_in), ("out", s.mask_out)):
+        if not slots:
+            attach_autograd_masks(model, self.sites)
+            for s_ in self.sites:
+                d = model.get_submodule(s_.path)._plain_masks
+                for side, spec in (("in", s_.mask_in), ("out", s_.mask_out)):
                     if spec is not None:
-                        slots.append((d[side], s.mask_name(side), spec.block))
-            object.__setattr__(self, "slots", slots)
-        self._sync()
+                        slots.append((d[side], s_.mask_name(side), spec.block))
+        sync()
         return self
 
-    def _sync(self):
+    def prune_now(self, ratio=None):
         with torch.no_grad():
-            for t, name, blk in self.slots:
-                t.copy_(self.p.masks[name].repeat_interleave(blk))
-
-    def step(self, n):  # Pruner.step's counting, then this baseline's macro-step
-        self.p._seen += int(n)
-        if self.p._seen < self.p.macro_batch_size:
-            return None
-        self.p._seen = 0
-        return self.prune_now()
-
-    def finish_epoch(self):
-        if self.p._seen == 0 or self.p.done:
-            self.p._seen = 0
-            return None
-        self.p._seen = 0
-        return self.prune_now()
-
-    def prune_now(self):
-        with torch.no_grad():
-            for t, name, blk in self.slots:
+            for t, name, blk in slots:
                 if t.grad is not None:
-                    self.p.arena.grad_view(name).add_(t.grad.view(-1, blk).sum(1))
+                    self.arena.grad_view(name).add_(t.grad.view(-1, blk).sum(1))
                     t.grad = None
-        info = self.p.prune_now()
-        self._sync()
+        info = real_prune(ratio)
+        sync()
         return info
 
     def load_state_dict(self, sd):
-        self.p.load_state_dict(sd)
-        self._sync()
+        real_load(sd)
+        sync()
+
+    for f in (attach, prune_now, load_state_dict):
+        setattr(pruner, f.__name__, types.MethodType(f, pruner))
+    return pruner
 
 
 def _rss_mib() -> float:
@@ -255,13 +236,14 @@ def whole_calibration(which, windows=CLI_SCHEDULE["windows"], epochs=CLI_SCHEDUL
                             macro_batch_size=macro, compact=name == "tsprune_compact")
         if name == "tsprune_compact":
             pr.enable_compaction()  # its host copy counts as set-up, like the model itself
-        runner = _AutogradMaskPruner(m, pr) if name == "autograd_masks" else pr
+        if name == "autograd_masks":
+            _use_autograd_masks(m, pr)
         rss0 = _rss_mib()
         sampler = _PeakRSS() if only is not None else None
         if sampler is not None:
             sampler.__enter__()
         t, c = time.perf_counter(), time.process_time()
-        calibrate(m, runner, task.train, task.val, epochs=epochs, batch_size=batch, val_tolerance=10.0,
+        calibrate(m, pr, task.train, task.val, epochs=epochs, batch_size=batch, val_tolerance=10.0,
                   patience=epochs, seed=0, eval_batch_size=1024)
         dt, cpu = time.perf_counter() - t, time.process_time() - c
         if sampler is not None:

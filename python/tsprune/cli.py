@@ -33,11 +33,7 @@ from .train import FINETUNE_DEFAULTS
 
 # Fine-tune defaults: tsprune.train.FINETUNE_DEFAULTS (measured there; benchmarks/README.md
 # "Fine-tune defaults").
-FT_LR = FINETUNE_DEFAULTS["lr"]
-FT_STEPS = FINETUNE_DEFAULTS["steps"]
-FT_BATCH = FINETUNE_DEFAULTS["batch_size"]
-FT_WARMUP = FINETUNE_DEFAULTS["warmup"]
-FT_EVAL_EVERY = FINETUNE_DEFAULTS["eval_every"]
+FT = FINETUNE_DEFAULTS
 
 
 def _log(msg: str) -> None:
@@ -643,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap on the TEST windows (evenly spaced; the table then says N of M); default: all, "
                             "the standard protocol (stride 1)")
         g = sp.add_argument_group("execution")
-        g.add_argument("--batch-size", type=pos, default=FT_BATCH, help="micro-batch of calibration and fine-tuning")
+        g.add_argument("--batch-size", type=pos, default=FT["batch_size"], help="micro-batch of calibration and fine-tuning")
         g.add_argument("--eval-batch-size", type=pos, default=1024, help="batch of evaluation and validation")
         g.add_argument("--amp", default=None, choices=["bf16"],
                        help="bf16 autocast for fine-tuning and evaluation (CPUs with bf16 support, GPUs); "
@@ -691,20 +687,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     def ft_args(sp):
         g = sp.add_argument_group("fine-tuning (stage 2)")
-        g.add_argument("--lr", type=_num(float, 0.0), default=FT_LR, help="AdamW learning rate")
-        g.add_argument("--ft-steps", type=pos, default=FT_STEPS, help="optimiser-step budget")
+        g.add_argument("--lr", type=_num(float, 0.0), default=FT["lr"], help="AdamW learning rate")
+        g.add_argument("--ft-steps", type=pos, default=FT["steps"], help="optimiser-step budget")
         g.add_argument("--ft-epochs", type=pos, default=None,
                        help="budget in epochs over the train windows instead of --ft-steps")
         g.add_argument("--ft-max-steps", type=pos, default=None, help="hard cap on the optimiser steps")
-        g.add_argument("--warmup", type=nonneg, default=FT_WARMUP,
+        g.add_argument("--warmup", type=nonneg, default=FT["warmup"],
                        help="linear lr warm-up: a fraction of the budget (< 1) or a number of steps")
-        g.add_argument("--schedule", default=FINETUNE_DEFAULTS["schedule"], choices=["cosine", "constant"], help="lr after the warm-up")
+        g.add_argument("--schedule", default=FT["schedule"], choices=["cosine", "constant"], help="lr after the warm-up")
         g.add_argument("--weight-decay", type=nonneg, default=0.0, help="AdamW weight decay")
-        g.add_argument("--eval-every", type=pos, default=FT_EVAL_EVERY,
+        g.add_argument("--eval-every", type=pos, default=FT["eval_every"],
                        help="validation check every this many steps (and at the end); the best check is kept")
-        g.add_argument("--select", default=FINETUNE_DEFAULTS["select"], choices=["mse", "loss"],
+        g.add_argument("--select", default=FT["select"], choices=["mse", "loss"],
                        help="what the checks compare: validation MSE (the reported metric) or the model's own loss")
-        g.add_argument("--ft-patience", type=_num(int, 0), default=FINETUNE_DEFAULTS["patience"],
+        g.add_argument("--ft-patience", type=_num(int, 0), default=FT["patience"],
                        help="stop after this many checks in a row without a gain (0: run the whole budget)")
         g.add_argument("--lora-rank", type=_num(int, 0), default=0,
                        help="train rank-R LoRA adapters on every Linear (peft; alpha 2R) instead of every "

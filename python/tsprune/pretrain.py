@@ -26,6 +26,7 @@ training time / max-minutes is further along, so a time-boxed run still ends ful
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -147,10 +148,31 @@ class _CorpusStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.start_step, wid]))
         c = Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, self.real,
                    pool_size=max(16, self.pool_size // n))
-        while True:
-            before, rej = c.counts.copy(), c.rejected
-            w = torch.from_numpy(c.sample(self.batch))
-            yield w, torch.from_numpy(c.counts - before), c.rejected - rej
+        yield from _batches(c, self.batch)
+
+
+def _batches(c, batch: int):
+    """Endless (windows [batch, length] float32 tensor, source counts [3], replaced windows) of one
+    Corpus: the one batch protocol of the in-process generator and of the worker processes."""
+    while True:
+        before, rej = c.counts.copy(), c.rejected
+        w = torch.from_numpy(c.sample(batch))
+        yield w, c.counts - before, c.rejected - rej
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Environment variables set inside, restored (or removed) afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 _SHAPE_KEYS = ("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "num_decoder_layers")
@@ -162,7 +184,7 @@ def _init_weights(path: pathlib.Path):
 
     m = load_pruned(path)  # validates the directory (checksums, fields) and builds no code from it
     plan = getattr(m, "tsprune_plan", None)
-    if plan is not None and (plan.linears or plan.keep or plan.attrs):
+    if plan is not None and any((plan.linears, plan.keep, plan.attrs, plan.params)):
         raise ValueError(f"pretrain: --init {path} is a pruned model; pre-training needs the full shape")
     cfg = m.config.to_dict()
     shape = {k: cfg[k] for k in _SHAPE_KEYS if k in cfg}
@@ -232,38 +254,18 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         log(f"pretrain: resumed from {ckpt} at step {state['step']}")
     elif init_desc is not None:
         log(f"pretrain: initialised from {init_desc}")
-    if workers > 0:  # generation in worker processes; counts come back with every batch
-        corpus = None
-        counts, rejected = np.zeros(3, np.int64), [0]
+    if workers > 0:
         # spawned workers with one BLAS / OpenMP thread each: the generator's Choleskys in
         # several multi-threaded BLAS pools at once oversubscribe the cores (measured 6x slower)
-        blas = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        env = {k: os.environ.get(k) for k in blas}
-        os.environ.update({k: "1" for k in blas})
-        try:
-            loader = iter(torch.utils.data.DataLoader(
+        with _env(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"):
+            batches = iter(torch.utils.data.DataLoader(
                 _CorpusStream(seed, state["step"], real, pool_size, batch), batch_size=None, num_workers=workers,
                 prefetch_factor=4, persistent_workers=True, pin_memory=dev.type == "cuda",
                 multiprocessing_context="spawn"))
-        finally:
-            for k, v in env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-        def next_batch() -> torch.Tensor:
-            w, c, r = next(loader)
-            counts[:] += c.numpy()
-            rejected[0] += int(r)
-            return w
-    else:
-        corpus = Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, real, pool_size=pool_size)
-        counts, rejected = corpus.counts, None
-
-        def next_batch() -> torch.Tensor:
-            return torch.from_numpy(corpus.sample(batch))
-    n_rejected = (lambda: rejected[0]) if corpus is None else (lambda: corpus.rejected)
+    else:  # in this process, from the checkpointed RNG: an exact resume
+        batches = _batches(Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, real,
+                                  pool_size=pool_size), batch)
+    counts, rejected = np.zeros(3, np.int64), 0  # since the last checkpoint / since this process started
     mon_ctx, mon_tgt = (t.to(dev) for t in _monitor_batch(seed, real))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretrain: {n_params:,} parameters; real train splits: {real_desc}; amp={'bf16' if amp else 'off'}; "
@@ -293,7 +295,10 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         s = state["step"]
         for g in opt.param_groups:
             g["lr"] = lr * _lr_factor(s, progress(), warmup)
-        w = next_batch().to(dev, non_blocking=True)
+        w, c, r = next(batches)
+        counts += np.asarray(c, np.int64)
+        rejected += int(r)
+        w = w.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(context=w[:, :DEFAULT_CONTEXT], target=w[:, DEFAULT_CONTEXT:]).loss
         opt.zero_grad(set_to_none=True)
@@ -308,7 +313,7 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         if s % 50 == 0 or state["step"] == steps:
             rec = {"step": state["step"], "loss": lv, "loss_ema": run_loss, "grad_norm": float(gn),
                    "lr": opt.param_groups[0]["lr"], "samples": state["samples"], "wall_s": state["wall_s"],
-                   "rejected_windows": n_rejected()}
+                   "rejected_windows": rejected}
             if s % 250 == 0 or state["step"] == steps:
                 model.eval()
                 with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
