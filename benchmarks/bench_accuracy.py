@@ -6,7 +6,8 @@ from grids of the same size for both trained settings (fine-tune: lr; prune-then
 lr grid x prune ratio per epoch x ema), the picks repeated over S seeds, plus seasonal naive and the
 NLinear-style ridge map, all on every window of the standard test split. Each cell writes
 ``<runs>/<data>_h<H>/results.json``; a cell whose results.json exists is not run again (the sweep is
-resumable: rerun the same command after an interruption). Then every finished cell is gathered into
+resumable: rerun the same command after an interruption; cells already in the committed
+accuracy.json are restored into a missing run folder rather than re-run). Then every finished cell is gathered into
 ``benchmarks/results/accuracy.json`` and ``accuracy.md``: mean +- std per row, parameters kept, whether
 prune-then-finetune beats fine-tune by more than one standard deviation (of either), and the average
 relative MSE change of prune-then-finetune against fine-tune (the paper's "4.4%" figure). Cells not
@@ -47,6 +48,26 @@ def parse_cells(spec: str | None):
         lb = known.get((d, int(h)), 104 if d == "national_illness" else 512)
         out.append((d, int(h), lb))
     return out
+
+
+def restore_cells(runs: pathlib.Path, table: pathlib.Path) -> list[str]:
+    """Cells finished earlier whose run folders are gone (a new checkout): write each one's
+    results.json back from the committed table's rows (marked ``restored_from``), so they are
+    skipped and gathered again instead of re-run. Returns the cells restored."""
+    if not table.is_file():
+        return []
+    done = []
+    t = json.loads(table.read_text())
+    for r in t.get("rows", []):
+        res = runs / f"{r['data']}_h{r['horizon']}" / "results.json"
+        if r.get("status") != "done" or res.is_file():
+            continue
+        res.parent.mkdir(parents=True, exist_ok=True)
+        keep = {k: r[k] for k in ("zero_shot", "finetune", "prune_finetune", "baselines", "search", "seconds")
+                if k in r}
+        res.write_text(json.dumps({**keep, "restored_from": f"{table.name} gathered at commit {t.get('commit')}"}))
+        done.append(f"{r['data']}:{r['horizon']}")
+    return done
 
 
 def run_cell(runs: pathlib.Path, d: str, h: int, lb: int, seeds: int, model: str, extra: list[str]) -> dict | None:
@@ -142,6 +163,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     cells = parse_cells(a.cells)
     runs = pathlib.Path(a.runs)
+    restored = restore_cells(runs, HERE / "results" / f"{a.name}.json")
+    if restored:
+        print(f"restored from benchmarks/results/{a.name}.json (not re-run): {', '.join(restored)}", flush=True)
     if not a.gather_only:
         for d, h, lb in cells:
             run_cell(runs, d, h, lb, a.seeds, a.model, extra)
