@@ -290,7 +290,7 @@ def _prune(model, task, a, out: pathlib.Path, *, ratio=None, ema=None, seed=None
 _HEAT: dict[int, tuple] = {}  # id(pruned model) -> (sites, sparsity) for a heatmap drawn later
 
 
-def _finetune(model, adapter, task, a, *, lr=None, seed=None, log=_log):
+def _finetune(model, adapter, task, a, *, lr=None, seed=None, log=_log, start=None):
     from .train import finetune
 
     return finetune(model, adapter, task.train, task.val, epochs=a.ft_epochs or 0,
@@ -299,7 +299,18 @@ def _finetune(model, adapter, task, a, *, lr=None, seed=None, log=_log):
                     warmup=a.warmup, schedule=a.schedule, eval_every=a.eval_every, select=a.select,
                     weight_decay=a.weight_decay, amp=a.amp, eval_batch_size=a.eval_batch_size,
                     seed=a.seed if seed is None else seed, progress=a.progress, log=log,
-                    lora=a.lora_rank or None)
+                    lora=a.lora_rank or None, start_score=start)
+
+
+def _kept_val_mse(model, adapter, task, a, h: dict) -> float:
+    """Validation MSE of a fine-tuned candidate (what --search ranks by). Selection by val MSE
+    without LoRA restores the kept weights exactly, so the score it kept them by IS this number
+    (same windows, batch size and autocast): reused instead of a second pass over the validation
+    set (at h720 one pass is ~100 forward passes per window). LoRA merges the adapters after
+    selection (a rounding-level change) and loss selection scores something else: measured."""
+    if h.get("select") == "mse" and h.get("lora") is None:
+        return float(h["kept_val"])
+    return _val_mse(model, adapter, task.val, a)
 
 
 def _brief(h: dict) -> dict:
@@ -364,13 +375,15 @@ def cmd_run(a) -> dict:
         _log(f"baseline {k}: test MSE {v['mse']:.4f}, MAE {v['mae']:.4f}, {v['params']:,} params")
 
     # --- fine-tune: every candidate trained with the first seed, ranked by validation MSE
+    # every fine-tune starts from `base`: its validation MSE (each one's evaluation 0) is computed once
+    base_val = _val_mse(base, adapter, task.val, a) if a.select == "mse" and len(ft_grid) * len(seeds) > 1 else None
     best_ft = None
     for i, c in enumerate(ft_grid):
         if len(ft_grid) > 1:
             _log(f"search fine-tune {i + 1}/{len(ft_grid)}: lr {c['lr']:g}")
         m = copy.deepcopy(base)
-        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
-        v = _val_mse(m, adapter, task.val, a)
+        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0], start=base_val)
+        v = _kept_val_mse(m, adapter, task, a, h)
         search["finetune"].append({**c, "val_mse": v, "train": _brief(h)})
         if len(ft_grid) > 1:
             _log(f"search fine-tune lr {c['lr']:g}: val MSE {v:.4f}")
@@ -382,8 +395,8 @@ def cmd_run(a) -> dict:
     del best_ft, m
     for s in seeds[1:]:
         m = copy.deepcopy(base)
-        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=s)
-        runs.append({"seed": s, **_metrics(m, adapter, task.test, a), "val_mse": _val_mse(m, adapter, task.val, a),
+        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=s, start=base_val)
+        runs.append({"seed": s, **_metrics(m, adapter, task.test, a), "val_mse": _kept_val_mse(m, adapter, task, a, h),
                      "train": h})
         del m
     results["finetune"] = _setting(runs, c)
@@ -409,7 +422,7 @@ def cmd_run(a) -> dict:
             _log(f"search prune-then-finetune {i + 1}/{len(ptf_grid)}: ratio {key[0]:g}, ema {key[1]:g}, lr {c['lr']:g}")
         m = copy.deepcopy(small)
         h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
-        v = _val_mse(m, adapter, task.val, a)
+        v = _kept_val_mse(m, adapter, task, a, h)
         search["prune_finetune"].append({**c, "val_mse": v, "pruned_units_fraction": rep["pruned_units_fraction"],
                                          "train": _brief(h)})
         if len(ptf_grid) > 1:
@@ -429,7 +442,7 @@ def cmd_run(a) -> dict:
         sm, rp = _prune(pr, task, a, out, ratio=c["prune_ratio_per_epoch"], ema=c["ema"], seed=s, heatmap=False)
         del pr
         h2 = _finetune(sm, adapter, task, a, lr=c["lr"], seed=s)
-        runs.append({"seed": s, **_metrics(sm, adapter, task.test, a), "val_mse": _val_mse(sm, adapter, task.val, a),
+        runs.append({"seed": s, **_metrics(sm, adapter, task.test, a), "val_mse": _kept_val_mse(sm, adapter, task, a, h2),
                      "train": h2, "prune": rp})
         del sm
     results["prune_finetune"] = _setting(runs, c)

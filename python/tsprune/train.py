@@ -518,6 +518,7 @@ def finetune(
     amp: str | None = None,
     eval_batch_size: int | None = None,
     lora: int | dict | None = None,
+    start_score: float | None = None,
 ) -> dict:
     """Stage 2 (docs/METHOD.md): every weight trainable, AdamW, selection on validation.
 
@@ -544,6 +545,11 @@ def finetune(
     (:func:`merge_lora`): the model keeps its module classes, parameter names and (pruned) shapes and
     needs no peft to run, save or load. The starting model kept (``kept_step == 0``) is returned
     exactly. On an error the adapters are dropped and the model is left as it came.
+
+    ``start_score``: the validation score under ``select`` of the model AS PASSED, when the caller
+    already has it (several fine-tunes from one starting model, each at a long rolled-out horizon):
+    used as evaluation 0 instead of computing it again. Passing a number that is not that score
+    changes which weights are kept.
 
     Returns a dict with ``best_val_loss`` (the kept validation score under ``select``),
     ``history`` (one entry per evaluation), ``lora`` (None, or the LoRA settings with the number of
@@ -593,7 +599,7 @@ def finetune(
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, schedule))
         t0 = time.time()
-        best_val = score()
+        best_val = score() if start_score is None else float(start_score)
         best_state = snapshot()
         kept_step, kept_epoch = 0, 0
         hist = [{"step": 0, "epoch": 0, "val": best_val, "val_metric": metric}]

@@ -192,8 +192,8 @@ def test_evaluate_caps_and_reports_windows(tmp_path, capsys):
 
 # ---- 4. --search ranks by validation ----------------------------------------------------------------
 def test_search_picks_by_validation_not_test(tmp_path, monkeypatch):
-    """Rigged validation: _val_mse returns MINUS the candidate's test MSE, so the candidate that is
-    WORSE on test has the lower 'validation MSE'. The pick must follow validation."""
+    """Rigged validation: _kept_val_mse returns MINUS the candidate's test MSE, so the candidate that
+    is WORSE on test has the lower 'validation MSE'. The pick must follow validation."""
     seen: dict = {}
     real_task, real_metrics = cli._task, cli._metrics
     calls: list[dict] = []
@@ -202,14 +202,14 @@ def test_search_picks_by_validation_not_test(tmp_path, monkeypatch):
         seen["task"] = real_task(a, model)
         return seen["task"]
 
-    def rigged_val_mse(model, adapter, ds, a):
-        assert ds is seen["task"].val  # ranked on the validation split
+    def rigged_val_mse(model, adapter, task, a, h):
+        assert task is seen["task"]
         test = real_metrics(model, adapter, seen["task"].test, a)["mse"]
         calls.append({"test": test, "val": -test})
         return -test
 
     monkeypatch.setattr(cli, "_task", task)
-    monkeypatch.setattr(cli, "_val_mse", rigged_val_mse)
+    monkeypatch.setattr(cli, "_kept_val_mse", rigged_val_mse)
     out = tmp_path / "run"
     rc, _, log = _run(out, "--search", "--grid-lr", "0,0.003", "--grid-ptf-lr", "0,0.003", "--grid-prune-ratio", "0.5", "--grid-ema", "0.5",
                       "--val-tolerance", "10", "--max-eval-windows", "48")
@@ -234,6 +234,62 @@ def test_search_picks_by_validation_not_test(tmp_path, monkeypatch):
         assert res[key]["val_mse"] == pytest.approx(grid[pick]["val_mse"])
         assert res[key]["mse"] == pytest.approx(tests[pick], rel=1e-6)  # the picked model is what was scored
     assert "settings picked by validation MSE (--search)" in (out / "results.md").read_text()
+
+
+def test_search_reuses_the_kept_val_mse_exactly(tmp_path, monkeypatch):
+    """--search ranks candidates by the validation MSE their fine-tune kept them by (no second pass)
+    and gives every fine-tune from the base model the base's validation MSE once: both must equal
+    a fresh validation pass over the returned model, and finetune(start_score=) must train exactly
+    as without it."""
+    import torch
+
+    from tsprune.train import finetune
+
+    fresh: list[tuple[float, float]] = []
+    real = cli._kept_val_mse
+    starts: list = []
+    real_ft = cli._finetune
+
+    def checked(model, adapter, task, a, h):
+        v = real(model, adapter, task, a, h)
+        fresh.append((v, cli._val_mse(model, adapter, task.val, a)))
+        return v
+
+    def ft(*args, **kw):
+        starts.append(kw.get("start"))
+        return real_ft(*args, **kw)
+
+    monkeypatch.setattr(cli, "_kept_val_mse", checked)
+    monkeypatch.setattr(cli, "_finetune", ft)
+    rc, _, log = _run(tmp_path / "run", "--search", "--grid-lr", "0.001,0.003", "--grid-prune-ratio", "0.5",
+                      "--grid-ema", "0.5", "--seeds", "2", "--val-tolerance", "10", "--max-eval-windows", "32",
+                      "--select", "mse")
+    assert rc == 0, log
+    assert len(fresh) == 6  # 2 + 1 fine-tune, 2 + 1 prune-then-finetune
+    for reused, measured in fresh:
+        assert reused == measured  # bit-identical: the kept weights, the same windows and batch
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    ft_starts = starts[:3]
+    assert all(s is not None for s in ft_starts) and len(set(ft_starts)) == 1
+    assert all(r["train"]["start_val"] == ft_starts[0] for r in res["search"]["finetune"])
+    assert starts[3:] == [None] * 3  # every pruned model is a new start: measured inside finetune
+
+    # start_score is evaluation 0 and nothing else: the same seed trains to the same weights
+    from tsprune.data import make_task
+    from tsprune.models import load_model
+    from tsprune.adapters import get_adapter
+
+    base = load_model("default")
+    ad = get_adapter(base)
+    task = make_task("synthetic", lookback=64, horizon=24, max_train_windows=32, max_eval_windows=32)
+    kw = dict(steps=3, lr=1e-3, batch_size=16, eval_every=1, select="mse", eval_batch_size=64, seed=1)
+    import copy
+    m1, m2 = copy.deepcopy(base), copy.deepcopy(base)
+    h1 = finetune(m1, ad, task.train, task.val, **kw)
+    h2 = finetune(m2, ad, task.train, task.val, start_score=h1["start_val"], **kw)
+    assert [x["val"] for x in h1["history"]] == [x["val"] for x in h2["history"]]
+    for (n, p), q in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(p, q), n
 
 
 # ---- 6. --help --------------------------------------------------------------------------------------
