@@ -11,7 +11,7 @@
 3. Global k-th smallest |value| over 4 tensors (4M, 1M, 30K, 512 fp32 values, k = n/10) vs
    torch.cat + abs + kthvalue.
 
-    python benchmarks/bench_cpu_kernels.py [--tokens 8192] [--reps 7] [--repack-large]
+    python benchmarks/bench_cpu_kernels.py [--tokens 8192] [--reps 7] [--repack-large] [--masked-only]
 """
 from __future__ import annotations
 
@@ -131,6 +131,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--repack-large", action="store_true", help="also repack 24 tensors of 2048x512")
+    p.add_argument("--masked-only", action="store_true",
+                   help="only the masked-step section (A/B runs of two builds); writes cpu_kernels_masked.json")
     a = p.parse_args(argv)
     # which build is measured (a worktree needs PYTHONPATH=<worktree>:<worktree>/python)
     print("tsprune_kernels:", K.__file__, "| _C:", getattr(_backend._C, "__file__", None))
@@ -146,6 +148,10 @@ def main(argv=None):
         for k, v in r.items():
             print(f"  {k:16s} {v['median_ms']:8.1f} ms  {v['x_unmasked']:.3f}x unmasked  "
                   f"autograd masks / this = {v['autograd_over_this']:.2f}")
+    if a.masked_only:
+        K.set_backend("auto")
+        print("wrote", write("cpu_kernels_masked", out))
+        return
     cases, mb = repack_cases()
     out["repack"] = r = _ratio_table(cases, a.reps, "index_select_loop", "loop",
                                      "repack, 72 tensors (12 layers of Chronos-Bolt-small shapes), half rows x half cols:")
