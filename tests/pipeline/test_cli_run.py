@@ -241,6 +241,8 @@ def test_search_reuses_the_kept_val_mse_exactly(tmp_path, monkeypatch):
     and gives every fine-tune from the base model the base's validation MSE once: both must equal
     a fresh validation pass over the returned model, and finetune(start_score=) must train exactly
     as without it."""
+    import copy
+
     import torch
 
     from tsprune.train import finetune
@@ -255,8 +257,11 @@ def test_search_reuses_the_kept_val_mse_exactly(tmp_path, monkeypatch):
         fresh.append((v, cli._val_mse(model, adapter, task.val, a)))
         return v
 
+    seen: dict = {}
+
     def ft(*args, **kw):
         starts.append(kw.get("start"))
+        seen["task"], seen["a"] = args[2], args[3]
         return real_ft(*args, **kw)
 
     monkeypatch.setattr(cli, "_kept_val_mse", checked)
@@ -274,16 +279,17 @@ def test_search_reuses_the_kept_val_mse_exactly(tmp_path, monkeypatch):
     assert all(r["train"]["start_val"] == ft_starts[0] for r in res["search"]["finetune"])
     assert starts[3:] == [None] * 3  # every pruned model is a new start: measured inside finetune
 
-    # start_score is evaluation 0 and nothing else: the same seed trains to the same weights
+    from tsprune.adapters import get_adapter
     from tsprune.data import make_task
     from tsprune.models import load_model
-    from tsprune.adapters import get_adapter
 
     base = load_model("default")
     ad = get_adapter(base)
+    assert ft_starts[0] == cli._val_mse(base, ad, seen["task"].val, seen["a"])  # the base's own val MSE
+
+    # start_score is evaluation 0 and nothing else: the same seed trains to the same weights
     task = make_task("synthetic", lookback=64, horizon=24, max_train_windows=32, max_eval_windows=32)
     kw = dict(steps=3, lr=1e-3, batch_size=16, eval_every=1, select="mse", eval_batch_size=64, seed=1)
-    import copy
     m1, m2 = copy.deepcopy(base), copy.deepcopy(base)
     h1 = finetune(m1, ad, task.train, task.val, **kw)
     h2 = finetune(m2, ad, task.train, task.val, start_score=h1["start_val"], **kw)
