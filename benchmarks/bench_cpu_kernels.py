@@ -148,10 +148,14 @@ def main(argv=None):
         for k, v in r.items():
             print(f"  {k:16s} {v['median_ms']:8.1f} ms  {v['x_unmasked']:.3f}x unmasked  "
                   f"autograd masks / this = {v['autograd_over_this']:.2f}")
-    if a.masked_only:
-        K.set_backend("auto")
-        print("wrote", write("cpu_kernels_masked", out))
-        return
+    if not a.masked_only:
+        other_sections(out, a)
+    K.set_backend("auto")
+    print("wrote", write("cpu_kernels_masked" if a.masked_only else "cpu_kernels", out))
+
+
+def other_sections(out: dict, a) -> None:
+    """Repack and global select (everything but the masked step), into ``out``."""
     cases, mb = repack_cases()
     out["repack"] = r = _ratio_table(cases, a.reps, "index_select_loop", "loop",
                                      "repack, 72 tensors (12 layers of Chronos-Bolt-small shapes), half rows x half cols:")
@@ -163,8 +167,6 @@ def main(argv=None):
                                            "repack, 24 tensors of 2048x512, half rows x half cols:")
     out["select"] = _ratio_table(select_cases(), a.reps, "cat_abs_kthvalue", "cat",
                                  "global k-th smallest |value|, 5.03M fp32 values in 4 tensors, k = n/10:")
-    K.set_backend("auto")
-    print("wrote", write("cpu_kernels", out))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from .train import FINETUNE_DEFAULTS
 
 # Fine-tune defaults: tsprune.train.FINETUNE_DEFAULTS (measured there; benchmarks/README.md
 # "Fine-tune defaults").
-FT = FINETUNE_DEFAULTS
 
 
 def _log(msg: str) -> None:
@@ -200,9 +199,9 @@ def _speed(models: dict, adapter, ds, a, reps: int = 3) -> dict:
 
 def _val_mse(model, adapter, ds, a) -> float:
     """Validation MSE of one candidate (what --search ranks by)."""
-    from .train import evaluate
+    from .train import val_score
 
-    return float(evaluate(model, adapter, ds, a.eval_batch_size, amp=a.amp, warmup=False)["mse"])
+    return val_score(model, adapter, ds, "mse", a.eval_batch_size, amp=a.amp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,14 +374,17 @@ def cmd_run(a) -> dict:
         _log(f"baseline {k}: test MSE {v['mse']:.4f}, MAE {v['mae']:.4f}, {v['params']:,} params")
 
     # --- fine-tune: every candidate trained with the first seed, ranked by validation MSE
-    # every fine-tune starts from `base`: its validation MSE (each one's evaluation 0) is computed once
-    base_val = _val_mse(base, adapter, task.val, a) if a.select == "mse" and len(ft_grid) * len(seeds) > 1 else None
+    # every fine-tune starts from `base`: its validation score (each one's evaluation 0) is computed once
+    from .train import val_score
+
+    base_start = (val_score(base, adapter, task.val, a.select, a.eval_batch_size, amp=a.amp)
+                  if len(ft_grid) * len(seeds) > 1 else None)
     best_ft = None
     for i, c in enumerate(ft_grid):
         if len(ft_grid) > 1:
             _log(f"search fine-tune {i + 1}/{len(ft_grid)}: lr {c['lr']:g}")
         m = copy.deepcopy(base)
-        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0], start=base_val)
+        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0], start=base_start)
         v = _kept_val_mse(m, adapter, task, a, h)
         search["finetune"].append({**c, "val_mse": v, "train": _brief(h)})
         if len(ft_grid) > 1:
@@ -395,7 +397,7 @@ def cmd_run(a) -> dict:
     del best_ft, m
     for s in seeds[1:]:
         m = copy.deepcopy(base)
-        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=s, start=base_val)
+        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=s, start=base_start)
         runs.append({"seed": s, **_metrics(m, adapter, task.test, a), "val_mse": _kept_val_mse(m, adapter, task, a, h),
                      "train": h})
         del m
@@ -652,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap on the TEST windows (evenly spaced; the table then says N of M); default: all, "
                             "the standard protocol (stride 1)")
         g = sp.add_argument_group("execution")
-        g.add_argument("--batch-size", type=pos, default=FT["batch_size"], help="micro-batch of calibration and fine-tuning")
+        g.add_argument("--batch-size", type=pos, default=FINETUNE_DEFAULTS["batch_size"], help="micro-batch of calibration and fine-tuning")
         g.add_argument("--eval-batch-size", type=pos, default=1024, help="batch of evaluation and validation")
         g.add_argument("--amp", default=None, choices=["bf16"],
                        help="bf16 autocast for fine-tuning and evaluation (CPUs with bf16 support, GPUs); "
@@ -700,20 +702,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     def ft_args(sp):
         g = sp.add_argument_group("fine-tuning (stage 2)")
-        g.add_argument("--lr", type=_num(float, 0.0), default=FT["lr"], help="AdamW learning rate")
-        g.add_argument("--ft-steps", type=pos, default=FT["steps"], help="optimiser-step budget")
+        g.add_argument("--lr", type=_num(float, 0.0), default=FINETUNE_DEFAULTS["lr"], help="AdamW learning rate")
+        g.add_argument("--ft-steps", type=pos, default=FINETUNE_DEFAULTS["steps"], help="optimiser-step budget")
         g.add_argument("--ft-epochs", type=pos, default=None,
                        help="budget in epochs over the train windows instead of --ft-steps")
         g.add_argument("--ft-max-steps", type=pos, default=None, help="hard cap on the optimiser steps")
-        g.add_argument("--warmup", type=nonneg, default=FT["warmup"],
+        g.add_argument("--warmup", type=nonneg, default=FINETUNE_DEFAULTS["warmup"],
                        help="linear lr warm-up: a fraction of the budget (< 1) or a number of steps")
-        g.add_argument("--schedule", default=FT["schedule"], choices=["cosine", "constant"], help="lr after the warm-up")
+        g.add_argument("--schedule", default=FINETUNE_DEFAULTS["schedule"], choices=["cosine", "constant"], help="lr after the warm-up")
         g.add_argument("--weight-decay", type=nonneg, default=0.0, help="AdamW weight decay")
-        g.add_argument("--eval-every", type=pos, default=FT["eval_every"],
+        g.add_argument("--eval-every", type=pos, default=FINETUNE_DEFAULTS["eval_every"],
                        help="validation check every this many steps (and at the end); the best check is kept")
-        g.add_argument("--select", default=FT["select"], choices=["mse", "loss"],
+        g.add_argument("--select", default=FINETUNE_DEFAULTS["select"], choices=["mse", "loss"],
                        help="what the checks compare: validation MSE (the reported metric) or the model's own loss")
-        g.add_argument("--ft-patience", type=_num(int, 0), default=FT["patience"],
+        g.add_argument("--ft-patience", type=_num(int, 0), default=FINETUNE_DEFAULTS["patience"],
                        help="stop after this many checks in a row without a gain (0: run the whole budget)")
         g.add_argument("--lora-rank", type=_num(int, 0), default=0,
                        help="train rank-R LoRA adapters on every Linear (peft; alpha 2R) instead of every "

@@ -494,6 +494,15 @@ def _trainable(model: nn.Module, lcfg: dict | None):
 
 
 
+def val_score(model: nn.Module, adapter: Adapter, val: WindowDataset, select: str, batch_size: int,
+              amp: str | None = None) -> float:
+    """What :func:`finetune` selects by on ``val``: the point forecast's MSE over every window
+    (``select="mse"``) or the model's own mean loss (``"loss"``). Lower is better."""
+    if select == "mse":
+        return float(evaluate(model, adapter, val, batch_size, amp=amp, warmup=False)["mse"])
+    return mean_loss(model, adapter, val, batch_size, amp=amp)
+
+
 def finetune(
     model: nn.Module,
     adapter: Adapter,
@@ -546,7 +555,8 @@ def finetune(
     needs no peft to run, save or load. The starting model kept (``kept_step == 0``) is returned
     exactly. On an error the adapters are dropped and the model is left as it came.
 
-    ``start_score``: the validation score under ``select`` of the model AS PASSED, when the caller
+    ``start_score``: the validation score under ``select`` (:func:`val_score` with
+    ``eval_batch_size``) of the model AS PASSED, when the caller
     already has it (several fine-tunes from one starting model, each at a long rolled-out horizon):
     used as evaluation 0 instead of computing it again. Passing a number that is not that score
     changes which weights are kept.
@@ -577,9 +587,7 @@ def finetune(
     dev = _device(model)
 
     def score() -> float:
-        if select == "mse":
-            return float(evaluate(model, adapter, val, ebs, amp=amp, warmup=False)["mse"])
-        return mean_loss(model, adapter, val, ebs, amp=amp)
+        return val_score(model, adapter, val, select, ebs, amp=amp)
 
     seed_everything(seed)
     with _trainable(model, lcfg) as run:

@@ -287,6 +287,16 @@ def test_search_reuses_the_kept_val_mse_exactly(tmp_path, monkeypatch):
     ad = get_adapter(base)
     assert ft_starts[0] == cli._val_mse(base, ad, seen["task"].val, seen["a"])  # the base's own val MSE
 
+    # selection by the model's own loss: the shared start is the base's validation LOSS
+    from tsprune.train import val_score
+
+    starts.clear()
+    rc, _, log = _run(tmp_path / "run_loss", "--search", "--grid-lr", "0.001,0.003", "--grid-prune-ratio", "0.5",
+                      "--grid-ema", "0.5", "--val-tolerance", "10", "--max-eval-windows", "32", "--select", "loss")
+    assert rc == 0, log
+    want = val_score(base, ad, seen["task"].val, "loss", seen["a"].eval_batch_size)
+    assert starts[:2] == [want, want] and want != ft_starts[0]
+
     # start_score is evaluation 0 and nothing else: the same seed trains to the same weights
     task = make_task("synthetic", lookback=64, horizon=24, max_train_windows=32, max_eval_windows=32)
     kw = dict(steps=3, lr=1e-3, batch_size=16, eval_every=1, select="mse", eval_batch_size=64, seed=1)
