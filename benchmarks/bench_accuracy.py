@@ -6,8 +6,10 @@ from grids of the same size for both trained settings (fine-tune: lr; prune-then
 lr grid x prune ratio per epoch x ema), the picks repeated over S seeds, plus seasonal naive and the
 NLinear-style ridge map, all on every window of the standard test split. Each cell writes
 ``<runs>/<data>_h<H>/results.json``; a cell whose results.json exists is not run again (the sweep is
-resumable: rerun the same command after an interruption; cells already in the committed
-accuracy.json are restored into a missing run folder rather than re-run). Then every finished cell is gathered into
+resumable: rerun the same command after an interruption; a cell stopped midway continues from its
+journal, ``tsprune run --resume``, so no finished fine-tune, calibration or test pass is repeated;
+cells already in the committed accuracy.json are restored into a missing run folder rather than
+re-run). Then every finished cell is gathered into
 ``benchmarks/results/accuracy.json`` and ``accuracy.md``: mean +- std per row, parameters kept, whether
 prune-then-finetune beats fine-tune by more than one standard deviation (of either), and the average
 relative MSE change of prune-then-finetune against fine-tune (the paper's "4.4%" figure). Cells not
@@ -76,11 +78,12 @@ def run_cell(runs: pathlib.Path, d: str, h: int, lb: int, seeds: int, model: str
     if res.is_file():
         return json.loads(res.read_text())
     cmd = [sys.executable, "-m", "tsprune", "run", "--model", model, "--data", d, "--horizon", str(h),
-           "--lookback", str(lb), "--out", str(out), "--search", "--seeds", str(seeds), "--no-progress", *extra]
+           "--lookback", str(lb), "--out", str(out), "--search", "--seeds", str(seeds), "--no-progress",
+           "--resume", *extra]  # a cell stopped midway continues from its journal
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
     log = runs / f"{d}_h{h}.log"
     runs.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
+    with open(log, "a") as f:  # appended: a resumed cell keeps the log of its earlier part
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         print(f"  FAILED (exit {rc}); see {log}", flush=True)

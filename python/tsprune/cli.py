@@ -2,6 +2,7 @@
 
     tsprune run --data ETTh1 --horizon 96 --out runs/etth1      # zero-shot, fine-tune, prune-then-finetune
     tsprune run --search --seeds 3 --out runs/s                 # grid chosen on validation, 3 seeds
+    tsprune run --search --seeds 3 --out runs/s --resume        # continue it after a stop (same options)
     tsprune prune --model default --data ETTh1 --out runs/p     # calibrate + repack + save
     tsprune finetune --model runs/p/pruned_model --data ETTh1 --out runs/f
     tsprune evaluate --model runs/f/model --data ETTh1
@@ -15,12 +16,14 @@ as one line ``tsprune CMD: error: ...`` with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
 import math
 import os
 import pathlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -207,8 +210,9 @@ def _val_mse(model, adapter, ds, a) -> float:
 # --------------------------------------------------------------------------------------------------
 # the stages
 # --------------------------------------------------------------------------------------------------
-def _prune(model, task, a, out: pathlib.Path, *, ratio=None, ema=None, seed=None, heatmap=True):
-    """Calibrate with masks, repack, check exactness; returns (pruned model, report dict)."""
+def _prune(model, task, a, heatmap: pathlib.Path | None, *, ratio=None, ema=None, seed=None):
+    """Calibrate with masks, repack, check exactness; returns (pruned model, report dict). The
+    sparsity heatmap is drawn to ``heatmap`` (rank 0 only; None: not drawn)."""
     from . import distributed as D
     from .plots import sparsity_heatmap
     from .pruner import Pruner
@@ -243,11 +247,10 @@ def _prune(model, task, a, out: pathlib.Path, *, ratio=None, ema=None, seed=None
     if ddp:
         small.cpu()  # fine-tuning, evaluation and saving run on the CPU, as in one process
     heat = None
-    if heatmap:
-        heat = (sparsity_heatmap(pruner.sites, pruner.sparsity_by_site(), out / "sparsity.png",
+    if heatmap is not None:
+        heat = (sparsity_heatmap(pruner.sites, pruner.sparsity_by_site(), heatmap,
                                  title=f"{task.name}: units pruned per layer / module", points=pruner.points)
-                if D.is_main() else out / "sparsity.png")  # files: rank 0 only
-    _HEAT[id(small)] = (pruner.sites, pruner.sparsity_by_site(), pruner.points)
+                if D.is_main() else heatmap)  # files: rank 0 only
     frac = pruner.pruned_fraction()
     report = {
         "pruned_units_fraction": frac,
@@ -284,9 +287,6 @@ def _prune(model, task, a, out: pathlib.Path, *, ratio=None, ema=None, seed=None
         _log("WARNING: NOTHING WAS PRUNED: the pruned model is the original one "
              f"({cal.reason}). Raise --prune-ratio-per-epoch / --calib-epochs or --val-tolerance.")
     return small, report
-
-
-_HEAT: dict[int, tuple] = {}  # id(pruned model) -> (sites, sparsity) for a heatmap drawn later
 
 
 def _finetune(model, adapter, task, a, *, lr=None, seed=None, log=_log, start=None):
@@ -335,16 +335,41 @@ def _grids(a):
     return ft, ptf
 
 
+def _run_spec(a, base, task) -> dict:
+    """What a run's results depend on (the journal's run.json): every option except where the
+    output goes, progress bars, threads and --resume; the model's bytes; the task's windows."""
+    from .journal import model_sha256
+
+    skip = {"func", "out", "progress", "threads", "resume", "dist_timeout"}
+    return {"options": {k: v for k, v in sorted(vars(a).items()) if k not in skip},
+            "model_sha256": model_sha256(base), "task": task.summary()}
+
+
+def _copy_atomic(src: pathlib.Path, dst: pathlib.Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def cmd_run(a) -> dict:
     """zero-shot, fine-tune, prune-then-finetune and both baselines on one task; results table."""
     from . import distributed as D
     from .adapters import get_adapter
     from .baselines import run_baselines
     from .checkpoint import save_pruned
+    from .journal import Journal
     from .plots import results_table
 
     if D.is_dist() and (a.search or a.seeds > 1):
         raise ValueError("--search and --seeds > 1 are not supported under torchrun yet (run them in one process)")
+    if D.is_dist() and a.resume:
+        raise ValueError("--resume is not supported under torchrun yet (run without it)")
     out = pathlib.Path(a.out)
     if D.is_main():
         check_out_dir(a.out)
@@ -355,10 +380,25 @@ def cmd_run(a) -> dict:
     pre = None
     if D.is_dist():  # data-parallel calibration on every rank first; the rest runs on rank 0 alone
         pr = copy.deepcopy(base)
-        pre = _prune(pr, task, a, out)
+        pre = _prune(pr, task, a, out / "sparsity.png")
         del pr
         if not D.is_main():
             return {}
+    # every finished stage is journaled under out/progress (--resume reads it back); not under
+    # torchrun, where the calibration above ran on every rank before this point
+    J = Journal(out / "progress", _run_spec(a, base, task), resume=a.resume, enabled=pre is None, log=_log)
+
+    def stage(name: str, compute, say=None) -> dict:
+        """The journal's record of ``name``, else ``compute()`` journaled; ``say(record)`` logs it."""
+        rec = J.get(name)
+        if rec is None:
+            rec = J.put(name, compute())
+        elif say:
+            _log(f"resume: {name} read back")
+        if say:
+            say(rec)
+        return rec
+
     results: dict = {"config": {**{k: v for k, v in vars(a).items() if k != "func"}, "data": task.name},
                      "task": task.summary()}
     seeds = [a.seed + i for i in range(a.seeds)]
@@ -367,9 +407,9 @@ def cmd_run(a) -> dict:
               "val_windows": len(task.val),
               "val_windows_available": task.val.n_available, "finetune": [], "prune_finetune": []}
 
-    results["zero_shot"] = _metrics(base, adapter, task.test, a)
-    _log(f"zero-shot: test MSE {results['zero_shot']['mse']:.4f}, MAE {results['zero_shot']['mae']:.4f}")
-    results["baselines"] = run_baselines(task)
+    results["zero_shot"] = stage("zero_shot", lambda: _metrics(base, adapter, task.test, a), lambda r: _log(
+        f"zero-shot: test MSE {r['mse']:.4f}, MAE {r['mae']:.4f}"))
+    results["baselines"] = stage("baselines", lambda: run_baselines(task))
     for k, v in results["baselines"].items():
         _log(f"baseline {k}: test MSE {v['mse']:.4f}, MAE {v['mae']:.4f}, {v['params']:,} params")
 
@@ -377,76 +417,147 @@ def cmd_run(a) -> dict:
     # every fine-tune starts from `base`: its validation score (each one's evaluation 0) is computed once
     from .train import val_score
 
-    base_start = (val_score(base, adapter, task.val, a.select, a.eval_batch_size, amp=a.amp)
-                  if len(ft_grid) * len(seeds) > 1 else None)
-    best_ft = None
+    base_start = None
+    if len(ft_grid) * len(seeds) > 1:
+        base_start = stage("base_val", lambda: {"score": val_score(base, adapter, task.val, a.select,
+                                                                   a.eval_batch_size, amp=a.amp)})["score"]
+    best_ft = None  # (val MSE, grid point, its model if in memory, history, index)
     for i, c in enumerate(ft_grid):
         if len(ft_grid) > 1:
             _log(f"search fine-tune {i + 1}/{len(ft_grid)}: lr {c['lr']:g}")
-        m = copy.deepcopy(base)
-        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0], start=base_start)
-        v = _kept_val_mse(m, adapter, task, a, h)
+        m = None
+
+        def one(c=c, i=i):
+            nonlocal m
+            m = copy.deepcopy(base)
+            h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0], start=base_start)
+            v = _kept_val_mse(m, adapter, task, a, h)
+            if best_ft is None or v < best_ft[0]:  # the best so far: saved before its record
+                J.save_state("finetune_pick", m, f"finetune_grid_{i}")
+            return {**c, "val_mse": v, "train": h}
+
+        rec = stage(f"finetune_grid_{i}", one, (lambda r: _log(f"search fine-tune lr {r['lr']:g}: val MSE "
+                                                                f"{r['val_mse']:.4f}")) if len(ft_grid) > 1 else None)
+        v, h = rec["val_mse"], rec["train"]
         search["finetune"].append({**c, "val_mse": v, "train": _brief(h)})
-        if len(ft_grid) > 1:
-            _log(f"search fine-tune lr {c['lr']:g}: val MSE {v:.4f}")
         if best_ft is None or v < best_ft[0]:
-            best_ft = (v, c, m, h)
+            best_ft = (v, c, m, h, i)
         del m
-    v, c, m, h = best_ft
-    runs = [{"seed": seeds[0], **_metrics(m, adapter, task.test, a), "val_mse": v, "train": h}]
-    del best_ft, m
+    v, c, m, h, i = best_ft
+    del best_ft
+
+    def pick_ft():
+        mm = m
+        if mm is None:  # picked in an earlier process: its weights from the journal, else trained again
+            mm = copy.deepcopy(base)
+            if not J.load_state("finetune_pick", mm, f"finetune_grid_{i}"):
+                _finetune(mm, adapter, task, a, lr=c["lr"], seed=seeds[0], start=base_start)
+        return {"seed": seeds[0], **_metrics(mm, adapter, task.test, a), "val_mse": v, "train": h}
+
+    runs = [stage(f"finetune_seed_{seeds[0]}", pick_ft)]
+    m = None  # the fine-tuned pick is not needed any more
     for s in seeds[1:]:
-        m = copy.deepcopy(base)
-        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=s, start=base_start)
-        runs.append({"seed": s, **_metrics(m, adapter, task.test, a), "val_mse": _kept_val_mse(m, adapter, task, a, h),
-                     "train": h})
-        del m
+        def one(s=s):
+            m = copy.deepcopy(base)
+            h = _finetune(m, adapter, task, a, lr=c["lr"], seed=s, start=base_start)
+            return {"seed": s, **_metrics(m, adapter, task.test, a), "val_mse": _kept_val_mse(m, adapter, task, a, h),
+                    "train": h}
+
+        runs.append(stage(f"finetune_seed_{s}", one))
     results["finetune"] = _setting(runs, c)
     results["finetune"]["lora_rank"] = a.lora_rank
     _log(f"finetune (lr {c['lr']:g}): test MSE {results['finetune']['mse']:.4f}"
          + (f" ± {results['finetune']['mse_std']:.4f} over {len(seeds)} seeds" if len(seeds) > 1 else ""))
 
     # --- prune-then-finetune: one calibration per (ratio, ema), every lr fine-tuned on its result
-    best_p = None
-    pairs: dict[tuple, tuple] = {}
-    for i, c in enumerate(ptf_grid):
-        key = (c["prune_ratio_per_epoch"], c["ema"])
-        if key not in pairs:
-            if pre is not None:
-                pairs[key] = pre
-            else:
-                pr = copy.deepcopy(base)
-                pairs = {key: _prune(pr, task, a, out, ratio=key[0], ema=key[1], seed=seeds[0],
-                                     heatmap=False)}  # keep one calibration in memory at a time
-                del pr
-        small, rep = pairs[key]
-        if len(ptf_grid) > 1:
-            _log(f"search prune-then-finetune {i + 1}/{len(ptf_grid)}: ratio {key[0]:g}, ema {key[1]:g}, lr {c['lr']:g}")
-        m = copy.deepcopy(small)
-        h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
-        v = _kept_val_mse(m, adapter, task, a, h)
-        search["prune_finetune"].append({**c, "val_mse": v, "pruned_units_fraction": rep["pruned_units_fraction"],
-                                         "train": _brief(h)})
-        if len(ptf_grid) > 1:
-            _log(f"search prune-then-finetune ratio {key[0]:g}, ema {key[1]:g}, lr {c['lr']:g}: val MSE {v:.4f}")
-        if best_p is None or v < best_p[0]:
-            best_p = (v, c, m, h, rep, small)
-        del m
-    del pairs
-    v, c, m, h, rep, small_pick = best_p
-    del best_p
-    from .plots import sparsity_heatmap  # the picked calibration's heatmap
+    keys = list(dict.fromkeys((c["prune_ratio_per_epoch"], c["ema"]) for c in ptf_grid))
+    best_p = None  # (val MSE, grid point, its model if in memory, history, calibration index, index)
+    held: dict = {}  # one calibration's pruned model in memory at a time
+    cal_reps: dict[int, dict] = {}
 
-    runs = [{"seed": seeds[0], **_metrics(m, adapter, task.test, a), "val_mse": v, "train": h, "prune": rep}]
-    keep_model = m
+    def calibration(k: int):
+        """(pruned model, report) of calibration k: the DDP one, in memory, or read back, or run."""
+        if pre is not None:
+            return pre
+        if k in held:
+            return held[k]
+        key, name = keys[k], f"calibration_{k}"
+        small = None
+
+        def run():
+            nonlocal small
+            pr = copy.deepcopy(base)
+            small, rep = _prune(pr, task, a, J.path(f"{name}.png"), ratio=key[0], ema=key[1], seed=seeds[0])
+            J.save_pruned(name, small, name)
+            return rep
+
+        rep = stage(name, run)
+        if small is None:
+            small = J.load_pruned(name, name)
+            if small is None:  # its record without its model: calibrate again (same seed, same result)
+                rep = J.put(name, run())
+        cal_reps[k] = rep
+        held.clear()
+        held[k] = (small, rep)
+        return held[k]
+
+    for i, c in enumerate(ptf_grid):
+        k = keys.index((c["prune_ratio_per_epoch"], c["ema"]))
+        if len(ptf_grid) > 1:
+            _log(f"search prune-then-finetune {i + 1}/{len(ptf_grid)}: ratio {keys[k][0]:g}, ema {keys[k][1]:g}, "
+                 f"lr {c['lr']:g}")
+        m = None
+
+        def one(c=c, i=i, k=k):
+            nonlocal m
+            small, rep = calibration(k)
+            m = copy.deepcopy(small)
+            h = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
+            v = _kept_val_mse(m, adapter, task, a, h)
+            if best_p is None or v < best_p[0]:
+                J.save_pruned("prune_finetune_pick", m, f"prune_finetune_grid_{i}")
+            return {**c, "val_mse": v, "pruned_units_fraction": rep["pruned_units_fraction"], "train": h}
+
+        rec = stage(f"prune_finetune_grid_{i}", one, (lambda r: _log(
+            f"search prune-then-finetune ratio {r['prune_ratio_per_epoch']:g}, ema {r['ema']:g}, lr {r['lr']:g}: "
+            f"val MSE {r['val_mse']:.4f}")) if len(ptf_grid) > 1 else None)
+        v, h = rec["val_mse"], rec["train"]
+        search["prune_finetune"].append({**{k2: rec[k2] for k2 in ("prune_ratio_per_epoch", "ema", "lr", "val_mse",
+                                                                    "pruned_units_fraction")}, "train": _brief(h)})
+        if best_p is None or v < best_p[0]:
+            best_p = (v, c, m, h, k, i)
+        del m
+    v, c, m, h, k, i = best_p
+    del best_p
+    rep = pre[1] if pre is not None else cal_reps.get(k) or stage(f"calibration_{k}", lambda: calibration(k)[1])
+
+    def pick_ptf():
+        nonlocal m
+        if m is None:  # picked in an earlier process
+            m = J.load_pruned("prune_finetune_pick", f"prune_finetune_grid_{i}")
+            if m is None:
+                m = copy.deepcopy(calibration(k)[0])
+                _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
+        return {"seed": seeds[0], **_metrics(m, adapter, task.test, a), "val_mse": v, "train": h, "prune": rep}
+
+    runs = [stage(f"prune_finetune_seed_{seeds[0]}", pick_ptf)]
+    held.clear()
     for s in seeds[1:]:
-        pr = copy.deepcopy(base)
-        sm, rp = _prune(pr, task, a, out, ratio=c["prune_ratio_per_epoch"], ema=c["ema"], seed=s, heatmap=False)
-        del pr
-        h2 = _finetune(sm, adapter, task, a, lr=c["lr"], seed=s)
-        runs.append({"seed": s, **_metrics(sm, adapter, task.test, a), "val_mse": _kept_val_mse(sm, adapter, task, a, h2),
-                     "train": h2, "prune": rp})
-        del sm
+        def one(s=s):
+            pr = copy.deepcopy(base)
+            sm, rp = _prune(pr, task, a, None, ratio=c["prune_ratio_per_epoch"], ema=c["ema"], seed=s)
+            del pr
+            h2 = _finetune(sm, adapter, task, a, lr=c["lr"], seed=s)
+            return {"seed": s, **_metrics(sm, adapter, task.test, a), "val_mse": _kept_val_mse(sm, adapter, task, a, h2),
+                    "train": h2, "prune": rp}
+
+        runs.append(stage(f"prune_finetune_seed_{s}", one))
+    if m is None:  # the picked model itself is needed below (speed, pruned_model): read back
+        m = J.load_pruned("prune_finetune_pick", f"prune_finetune_grid_{i}")
+        if m is None:
+            m = copy.deepcopy(calibration(k)[0])
+            _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
+    keep_model = m
     results["prune_finetune"] = _setting(runs, c)
     results["prune_finetune"]["prune"] = rep
     results["prune_finetune"]["lora_rank"] = a.lora_rank
@@ -454,22 +565,19 @@ def cmd_run(a) -> dict:
         r["prune"]["pruned_units_fraction"] for r in runs)
     results["nothing_pruned"] = any(r["prune"]["nothing_pruned"] for r in runs)
     if pre is None:  # the picked calibration's heatmap
-        sites, sparsity, points = _HEAT[id(small_pick)]
-        rep["heatmap"] = str(sparsity_heatmap(sites, sparsity, out / "sparsity.png",
-                                              title=f"{task.name}: units pruned per layer / module", points=points))
-    _HEAT.clear()
-    del small_pick
+        _copy_atomic(J.path(f"calibration_{k}.png"), out / "sparsity.png")
+        rep["heatmap"] = str(out / "sparsity.png")
     zp = results["zero_shot"]["params"]
-    for k in ("zero_shot", "finetune", "prune_finetune"):
-        results[k]["params_removed_fraction"] = 1.0 - results[k]["params"] / zp
+    for key in ("zero_shot", "finetune", "prune_finetune"):
+        results[key]["params_removed_fraction"] = 1.0 - results[key]["params"] / zp
     results["zero_shot"]["pruned_units_fraction"] = results["finetune"]["pruned_units_fraction"] = 0.0
     _log(f"prune-then-finetune (ratio {c['prune_ratio_per_epoch']:g}, ema {c['ema']:g}, lr {c['lr']:g}): "
          f"test MSE {results['prune_finetune']['mse']:.4f}, {results['prune_finetune']['params']:,} params")
     # inference speed side by side (fine-tune has the zero-shot model's shapes: the same speed)
     sp = _speed({"full": base, "pruned": keep_model}, adapter, task.test, a)
     if sp:
-        for k, which in (("zero_shot", "full"), ("finetune", "full"), ("prune_finetune", "pruned")):
-            results[k]["ms_per_window"] = sp[which]
+        for key, which in (("zero_shot", "full"), ("finetune", "full"), ("prune_finetune", "pruned")):
+            results[key]["ms_per_window"] = sp[which]
         results["speed"] = {"ms_per_window": sp, "speedup": round(sp["full"] / max(sp["pruned"], 1e-12), 3),
                             "windows": min(a.eval_batch_size, len(task.test)), "method":
                             "median of 3 interleaved predictions of one batch of test windows after a warm-up"}
@@ -478,6 +586,8 @@ def cmd_run(a) -> dict:
     if a.search:
         search["picked"] = {"finetune": results["finetune"]["hyper"], "prune_finetune": results["prune_finetune"]["hyper"]}
         results["search"] = search
+    if J.resumed:
+        results["resumed_stages"] = sorted(set(J.resumed))
     save_pruned(keep_model, out / "pruned_model", extra={"data": task.name, "horizon": a.horizon})
     results["seconds"] = round(time.time() - t0, 1)
     _write_json(out / "results.json", results)
@@ -488,6 +598,7 @@ def cmd_run(a) -> dict:
     if results["nothing_pruned"]:
         head += "**WARNING: nothing was pruned: the prune-then-finetune model is unpruned.**\n\n"
     _write_text(out / "results.md", f"{head}{table}\n")
+    J.finish()  # everything is written: the journal goes
     print(table)
     if results["nothing_pruned"]:
         print("\nWARNING: nothing was pruned (results.json: nothing_pruned = true)")
@@ -522,7 +633,7 @@ def cmd_prune(a) -> dict:
     model = _load(a.model)
     task = _task(a, model)
     before = n_params(model)
-    small, rep = _prune(model, task, a, out)
+    small, rep = _prune(model, task, a, out / "sparsity.png")
     rep.update(params_before=before, params_after=n_params(small),
                params_removed_fraction=1.0 - n_params(small) / before)
     if D.is_main():  # under torchrun every rank holds the same pruned model; rank 0 writes it
@@ -741,6 +852,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--seeds", type=pos, default=1,
                        help="repeat the fine-tune and prune-then-finetune picks with this many seeds (seed, "
                             "seed+1, ...) and report mean and std")
+        g.add_argument("--resume", action="store_true",
+                       help="continue the unfinished run in --out from its journal (--out/progress: every "
+                            "finished fine-tune, calibration and test pass is read back, not re-run); the "
+                            "options must be the ones it was started with (--threads may differ)")
 
     cmds = (("run", cmd_run, (prune_args, ft_args, run_args)), ("prune", cmd_prune, (prune_args,)),
             ("finetune", cmd_finetune, (ft_args,)), ("evaluate", cmd_evaluate, ()))

@@ -1,0 +1,186 @@
+"""The progress journal of one ``tsprune run``: what lets a run of hours survive being stopped.
+
+A run is a fixed sequence of stages (zero-shot test, baselines, every fine-tune of the grid, every
+calibration, every seed ...). Each stage seeds everything it draws from, so its result depends on
+its inputs only, never on what ran before it in the same process: a stage finished in an earlier
+process can be read back instead of recomputed, and the finished run is the same run.
+
+Layout under ``<out>/progress/`` (removed when the run has written its results):
+
+- ``run.json``: what the results depend on (every option except where the output goes, progress
+  bars and threads; the model's sha256; the task's windows). ``--resume`` refuses a journal whose
+  run.json differs, naming the options.
+- ``<stage>.json``: one record per finished stage, written atomically after everything the stage
+  saves, so a record exists only for a stage that finished.
+- ``<name>.pt`` (``torch.save`` of ``{"tag", "state"}``, read back with ``weights_only=True``) and
+  ``<name>/`` (a ``save_pruned`` directory, its tag in ``<name>.tag.json`` written after it): the
+  models later stages need (the current best candidate of a grid, each calibration's pruned model).
+  The tag names the stage that produced them; a model whose tag is not the one asked for is not
+  used (the stage that made it is run again).
+
+Nothing in the journal is executed: records are JSON, tensors are loaded without pickled code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+
+import torch
+from torch import nn
+
+__all__ = ["Journal", "model_sha256"]
+
+
+def model_sha256(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor of ``model.state_dict()``."""
+    h = hashlib.sha256()
+    for k, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _atomic_bytes(path: pathlib.Path, write) -> None:
+    """Write through ``write(file)`` into a temp file beside ``path``, fsync, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _json_default(o):
+    if isinstance(o, pathlib.Path):
+        return str(o)
+    try:
+        return float(o)
+    except (TypeError, ValueError):
+        return str(o)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif not (a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))):
+            out.append(f"{prefix}{k} {a!r} (now {b!r})")
+    return out
+
+
+class Journal:
+    """Records of finished stages under ``directory``; see the module docstring.
+
+    enabled=False: a journal that keeps nothing (``get`` returns None, ``put`` returns its record):
+    the same code path runs without progress files (used under torchrun, where only rank 0 reaches
+    the stages)."""
+
+    def __init__(self, directory, run: dict, *, resume: bool, enabled: bool = True, log=None):
+        self.dir = pathlib.Path(directory)
+        self.enabled = enabled
+        self.resumed: list[str] = []
+        if not enabled:
+            return
+        run = json.loads(json.dumps(run, default=_json_default))  # compare what a reread would hold
+        spec = self.dir / "run.json"
+        if self.dir.exists() and not resume:
+            n = len([p for p in self.dir.glob("*.json") if p.name != "run.json"])
+            raise ValueError(f"--out {self.dir.parent}: holds an unfinished run ({self.dir}, {n} stage(s) done): "
+                             f"add --resume to continue it, or remove {self.dir} to start over")
+        if resume and spec.exists():
+            old = json.loads(spec.read_text())
+            diff = _differences(old, run)
+            if diff:
+                raise ValueError(f"--resume: {self.dir} was started with different settings: {'; '.join(diff[:6])}"
+                                 f"{' ...' if len(diff) > 6 else ''} (remove it to start over)")
+            if log:
+                done = sorted(p.stem for p in self.dir.glob("*.json") if p.name != "run.json"
+                              and not p.name.endswith(".tag.json"))
+                log(f"resume: {len(done)} finished stage(s) in {self.dir} are read back, not re-run")
+        else:
+            if resume and log:
+                log(f"resume: no journal in {self.dir}; starting from the beginning")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write_json(spec, run)
+
+    # --- records ---------------------------------------------------------------------------------
+    def _write_json(self, path: pathlib.Path, obj) -> None:
+        text = json.dumps(obj, indent=1, default=_json_default) + "\n"
+        _atomic_bytes(path, lambda f: f.write(text.encode()))
+
+    def get(self, stage: str) -> dict | None:
+        """The record of a finished stage, or None (not finished, or the journal is off)."""
+        if not self.enabled:
+            return None
+        p = self.dir / f"{stage}.json"
+        if not p.exists():
+            return None
+        self.resumed.append(stage)
+        return json.loads(p.read_text())
+
+    def put(self, stage: str, record: dict) -> dict:
+        """Mark ``stage`` finished with ``record`` (JSON); returns the record as a reread gives it,
+        so a fresh run and a resumed one continue from the same values."""
+        rec = json.loads(json.dumps(record, default=_json_default))
+        if self.enabled:
+            self._write_json(self.dir / f"{stage}.json", rec)
+        return rec
+
+    # --- models ----------------------------------------------------------------------------------
+    def save_state(self, name: str, model: nn.Module, tag: str) -> None:
+        """The weights of ``model`` (same architecture as what ``load_state`` fills) under ``tag``."""
+        if self.enabled:
+            sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            _atomic_bytes(self.dir / f"{name}.pt", lambda f: torch.save({"tag": tag, "state": sd}, f))
+
+    def load_state(self, name: str, model: nn.Module, tag: str) -> bool:
+        """Fill ``model`` with the weights saved under ``name`` if their tag is ``tag``; False otherwise."""
+        p = self.dir / f"{name}.pt"
+        if not (self.enabled and p.exists()):
+            return False
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+        if blob.get("tag") != tag:
+            return False
+        model.load_state_dict(blob["state"], strict=True)
+        return True
+
+    def save_pruned(self, name: str, model: nn.Module, tag: str) -> None:
+        """A pruned model (``save_pruned`` format, every tensor in its own dtype) under ``tag``."""
+        if not self.enabled:
+            return
+        from .checkpoint import save_pruned
+
+        save_pruned(model, self.dir / name)
+        self._write_json(self.dir / f"{name}.tag.json", {"tag": tag})  # after the model: it names it
+
+    def load_pruned(self, name: str, tag: str) -> nn.Module | None:
+        """The pruned model saved under ``name`` if its tag is ``tag``; None otherwise."""
+        t = self.dir / f"{name}.tag.json"
+        if not (self.enabled and t.exists()) or json.loads(t.read_text()).get("tag") != tag:
+            return None
+        from .checkpoint import load_pruned
+
+        return load_pruned(self.dir / name, dtype=None)
+
+    def path(self, name: str) -> pathlib.Path:
+        return self.dir / name
+
+    def finish(self) -> None:
+        """The run wrote its results: the journal is no longer needed."""
+        if self.enabled and self.dir.exists():
+            shutil.rmtree(self.dir)

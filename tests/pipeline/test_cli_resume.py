@@ -1,0 +1,155 @@
+"""`tsprune run --resume`: a run stopped after any stage and continued gives the run that was never
+stopped (every number equal, not close: each stage seeds itself), re-runs no finished stage, and
+refuses to mix settings; a plain run refuses to overwrite an unfinished one.
+
+Tiny settings as in test_cli_run.py (synthetic task, lookback 64, horizon 24, 2 fine-tune steps).
+"""
+import contextlib
+import io
+import json
+
+import pytest
+
+from tsprune import cli
+from tsprune.cli import main
+
+FAST = ["--data", "synthetic", "--horizon", "24", "--lookback", "64", "--no-progress",
+        "--max-train-windows", "48", "--max-val-windows", "48", "--max-eval-windows", "48", "--batch-size", "16",
+        "--calib-epochs", "2", "--ft-max-steps", "2", "--prune-ratio-per-epoch", "0.5", "--val-tolerance", "10",
+        "--search", "--grid-lr", "0.001,0.004", "--grid-prune-ratio", "0.3,0.5", "--grid-ptf-lr", "0.002",
+        "--grid-ema", "0.5", "--seeds", "2"]
+
+
+def _run(out, *extra) -> tuple[int, str]:
+    e = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(e):
+        rc = main(["run", *FAST, "--out", str(out), *extra])
+    return rc, e.getvalue()
+
+
+class Stop(KeyboardInterrupt):  # as a Ctrl-C would: main() does not catch it
+    pass
+
+
+def _numbers(res: dict) -> dict:
+    """Everything in results.json that is a result (not a timing, not a path)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in {
+                "eval_seconds", "ms_per_window", "seconds", "calibration_seconds", "calibration_windows_per_second",
+                "resume", "out", "heatmap", "resumed_stages", "speed", "wall_seconds", "train_seconds",
+                "threads", "windows_per_second"} and "seconds" not in k}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+    return strip(res)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, _one_thread):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    rc, log = _run(out)
+    assert rc == 0, log
+    assert not (out / "progress").exists()  # a finished run leaves no journal
+    return json.loads((out / "results.json").read_text())
+
+
+def _count(monkeypatch, name):
+    calls = []
+    real = getattr(cli, name)
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, name, counted)
+    return calls
+
+
+# The run's fine-tunes, in order: 2 fine-tune grid points, 1 more seed, 2 prune-then-finetune grid
+# points (2 calibrations), 1 more seed: 6 fine-tunes and 3 calibrations. Stop in each part.
+@pytest.mark.parametrize("stop_after", [1, 3, 4, 5])
+def test_stopped_and_resumed_equals_straight(tmp_path, monkeypatch, straight, stop_after):
+    out = tmp_path / "run"
+    real = cli._finetune
+    n = {"ft": 0}
+
+    def stopping(*a, **k):
+        if n["ft"] == stop_after:
+            raise Stop("stopped")
+        n["ft"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "_finetune", stopping)
+    with pytest.raises(Stop):
+        _run(out)
+    assert (out / "progress" / "run.json").exists() and not (out / "results.json").exists()
+    done = {p.stem for p in (out / "progress").glob("*.json")} - {"run"}
+    assert "zero_shot" in done and "baselines" in done
+
+    # a plain run does not overwrite it
+    monkeypatch.setattr(cli, "_finetune", real)
+    rc, log = _run(out)
+    assert rc == 2 and "unfinished run" in log and "--resume" in log, log
+
+    fts = _count(monkeypatch, "_finetune")
+    rc, log = _run(out, "--resume")
+    assert rc == 0, log
+    assert "resume:" in log
+    assert len(fts) == 6 - stop_after  # no finished fine-tune trained again
+    res = json.loads((out / "results.json").read_text())
+    assert _numbers(res) == _numbers(straight)
+    assert set(res["resumed_stages"]) >= {"zero_shot", "baselines"}
+    assert not (out / "progress").exists()
+    assert (out / "sparsity.png").stat().st_size > 0 and (out / "pruned_model" / "meta.json").exists()
+
+
+def test_resume_refuses_other_settings(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def stop(*a, **k):
+        raise Stop("stopped")
+
+    monkeypatch.setattr(cli, "_finetune", stop)
+    with pytest.raises(Stop):
+        _run(out)
+    monkeypatch.undo()
+    rc, log = _run(out, "--resume", "--horizon", "12")
+    assert rc == 2, log
+    line = log.strip().splitlines()[-1]
+    assert "--resume" in line and "horizon" in line and "24" in line and "12" in line, line
+    assert (out / "progress" / "zero_shot.json").exists()  # nothing it had is lost
+
+
+def test_resume_without_journal_starts_fresh(tmp_path, straight):
+    out = tmp_path / "run"
+    rc, log = _run(out, "--resume", "--threads", "1")
+    assert rc == 0, log
+    assert "starting from the beginning" in log
+    assert _numbers(json.loads((out / "results.json").read_text())) == _numbers(straight)
+
+
+def test_a_pick_whose_saved_model_is_gone_is_trained_again(tmp_path, monkeypatch, straight):
+    """The journal's models are only used under their own tag: a missing one means the stage that
+    made it runs again (same seed, same numbers)."""
+    out = tmp_path / "run"
+    real = cli._metrics
+    n = {"calls": 0}
+
+    def stopping(*a, **k):
+        if n["calls"] == 1:  # zero-shot scored, both fine-tune grid points done, the pick not yet scored
+            raise Stop("stopped")
+        n["calls"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "_metrics", stopping)
+    with pytest.raises(Stop):
+        _run(out)
+    monkeypatch.setattr(cli, "_metrics", real)
+    assert {"finetune_grid_0", "finetune_grid_1"} <= {p.stem for p in (out / "progress").glob("*.json")}
+    (out / "progress" / "finetune_pick.pt").unlink()
+    fts = _count(monkeypatch, "_finetune")
+    rc, log = _run(out, "--resume")
+    assert rc == 0, log
+    assert len(fts) == 1 + 1 + 3  # the pick trained again, its second seed, 2 + 1 prune-then-finetune
+    assert _numbers(json.loads((out / "results.json").read_text())) == _numbers(straight)
