@@ -337,12 +337,18 @@ def _grids(a):
 
 def _run_spec(a, base, task) -> dict:
     """What a run's results depend on (the journal's run.json): every option except where the
-    output goes, progress bars, threads and --resume; the model's bytes; the task's windows."""
+    output goes, progress bars, threads and --resume; the model's bytes; the task's windows and
+    the bytes of its scaled series."""
+    import hashlib
+
     from .journal import model_sha256
 
     skip = {"func", "out", "progress", "threads", "resume", "dist_timeout"}
+    data = hashlib.sha256()
+    for ds in (task.train, task.val, task.test):
+        data.update(ds.series.tobytes())
     return {"options": {k: v for k, v in sorted(vars(a).items()) if k not in skip},
-            "model_sha256": model_sha256(base), "task": task.summary()}
+            "model_sha256": model_sha256(base), "data_sha256": data.hexdigest(), "task": task.summary()}
 
 
 def _copy_atomic(src: pathlib.Path, dst: pathlib.Path) -> None:

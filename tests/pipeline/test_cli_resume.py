@@ -120,6 +120,14 @@ def test_resume_refuses_other_settings(tmp_path, monkeypatch):
     assert "--resume" in line and "horizon" in line and "24" in line and "12" in line, line
     assert (out / "progress" / "zero_shot.json").exists()  # nothing it had is lost
 
+    # the same options over other data (or another model) is another run too
+    spec = out / "progress" / "run.json"
+    run = json.loads(spec.read_text())
+    run["data_sha256"] = "0" * 64
+    spec.write_text(json.dumps(run))
+    rc, log = _run(out, "--resume")
+    assert rc == 2 and "data_sha256" in log.strip().splitlines()[-1], log
+
 
 def test_resume_without_journal_starts_fresh(tmp_path, straight):
     out = tmp_path / "run"
