@@ -377,6 +377,9 @@ def cmd_run(a) -> dict:
     if D.is_dist() and a.resume:
         raise ValueError("--resume is not supported under torchrun yet (run without it)")
     out = pathlib.Path(a.out)
+    if (out / "progress").exists() and not a.resume:  # before any work (Journal checks it again)
+        raise ValueError(f"--out {out}: holds an unfinished run ({out / 'progress'}): add --resume to continue "
+                         f"it, or remove {out / 'progress'} to start over")
     if D.is_main():
         check_out_dir(a.out)
     t0 = time.time()

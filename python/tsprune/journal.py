@@ -99,7 +99,7 @@ class Journal:
         run = json.loads(json.dumps(run, default=_json_default))  # compare what a reread would hold
         spec = self.dir / "run.json"
         if self.dir.exists() and not resume:
-            n = len([p for p in self.dir.glob("*.json") if p.name != "run.json"])
+            n = len(self.finished())
             raise ValueError(f"--out {self.dir.parent}: holds an unfinished run ({self.dir}, {n} stage(s) done): "
                              f"add --resume to continue it, or remove {self.dir} to start over")
         if resume and spec.exists():
@@ -109,14 +109,17 @@ class Journal:
                 raise ValueError(f"--resume: {self.dir} was started with different settings: {'; '.join(diff[:6])}"
                                  f"{' ...' if len(diff) > 6 else ''} (remove it to start over)")
             if log:
-                done = sorted(p.stem for p in self.dir.glob("*.json") if p.name != "run.json"
-                              and not p.name.endswith(".tag.json"))
-                log(f"resume: {len(done)} finished stage(s) in {self.dir} are read back, not re-run")
+                log(f"resume: {len(self.finished())} finished stage(s) in {self.dir} are read back, not re-run")
         else:
             if resume and log:
                 log(f"resume: no journal in {self.dir}; starting from the beginning")
             self.dir.mkdir(parents=True, exist_ok=True)
             self._write_json(spec, run)
+
+    def finished(self) -> list[str]:
+        """Names of the stages with a record."""
+        return sorted(p.stem for p in self.dir.glob("*.json")
+                      if p.name != "run.json" and not p.name.endswith(".tag.json"))
 
     # --- records ---------------------------------------------------------------------------------
     def _write_json(self, path: pathlib.Path, obj) -> None:
