@@ -337,18 +337,42 @@ def _grids(a):
 
 def _run_spec(a, base, task) -> dict:
     """What a run's results depend on (the journal's run.json): every option except where the
-    output goes, progress bars, threads and --resume; the model's bytes; the task's windows and
-    the bytes of its scaled series."""
+    output goes, progress bars and --resume; the torch thread count (it changes how float sums
+    are split, so --threads left unset on another machine is another run); the versions of the
+    code; the model's bytes; the task's windows and the bytes of its scaled series. The git
+    commit is not compared (a docs-only commit must not void hours of stages): each record
+    carries the commit it was made at instead."""
     import hashlib
+    from importlib import metadata
 
+    from . import __version__
     from .journal import model_sha256
 
     skip = {"func", "out", "progress", "threads", "resume", "dist_timeout"}
     data = hashlib.sha256()
     for ds in (task.train, task.val, task.test):
         data.update(ds.series.tobytes())
+    versions = {"tsprune": __version__, "torch": torch.__version__}
+    for dist in ("transformers", "chronos-forecasting"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
     return {"options": {k: v for k, v in sorted(vars(a).items()) if k not in skip},
+            "torch_threads": torch.get_num_threads(), "versions": versions,
             "model_sha256": model_sha256(base), "data_sha256": data.hexdigest(), "task": task.summary()}
+
+
+def _git_commit() -> str | None:
+    """The short commit of the checkout tsprune runs from, or None (an installed copy, no git)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                           cwd=pathlib.Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
 
 
 def _copy_atomic(src: pathlib.Path, dst: pathlib.Path) -> None:
@@ -395,15 +419,22 @@ def cmd_run(a) -> dict:
             return {}
     # every finished stage is journaled under out/progress (--resume reads it back); not under
     # torchrun, where the calibration above ran on every rank before this point
-    J = Journal(out / "progress", _run_spec(a, base, task), resume=a.resume, enabled=pre is None, log=_log)
+    J = Journal(out / "progress", _run_spec(a, base, task) if pre is None else {}, resume=a.resume,
+                enabled=pre is None, log=_log)
+    commit, commits = _git_commit(), set()  # the commit each stage record was made at
+    from .train import seed_everything
 
     def stage(name: str, compute, say=None) -> dict:
-        """The journal's record of ``name``, else ``compute()`` journaled; ``say(record)`` logs it."""
+        """The journal's record of ``name``, else ``compute()`` journaled; ``say(record)`` logs it.
+        Every stage starts from the same seed, so none depends on which ran before it in this
+        process (classic Chronos samples its forecasts from the global generator)."""
         rec = J.get(name)
         if rec is None:
-            rec = J.put(name, compute())
+            seed_everything(a.seed)
+            rec = J.put(name, {**compute(), "_commit": commit})
         elif say:
             _log(f"resume: {name} read back")
+        commits.add(rec.pop("_commit", None) or "unknown")
         if say:
             say(rec)
         return rec
@@ -504,7 +535,10 @@ def cmd_run(a) -> dict:
         if small is None:
             small = J.load_pruned(name, name)
             if small is None:  # its record without its model: calibrate again (same seed, same result)
-                rep = J.put(name, run())
+                J.rerun(name)
+                seed_everything(a.seed)
+                rep = J.put(name, {**run(), "_commit": commit})
+                rep.pop("_commit")
         cal_reps[k] = rep
         held.clear()
         held[k] = (small, rep)
@@ -536,6 +570,10 @@ def cmd_run(a) -> dict:
         if best_p is None or v < best_p[0]:
             best_p = (v, c, m, h, k, i)
         del m
+        for k2 in range(len(keys)):  # calibrations no later grid point uses and not the best's: off disk
+            if k2 != best_p[4] and all(keys.index((g["prune_ratio_per_epoch"], g["ema"])) != k2
+                                       for g in ptf_grid[i + 1:]):
+                J.drop(f"calibration_{k2}")
     v, c, m, h, k, i = best_p
     del best_p
     rep = pre[1] if pre is not None else cal_reps.get(k) or stage(f"calibration_{k}", lambda: calibration(k)[1])
@@ -595,7 +633,8 @@ def cmd_run(a) -> dict:
     if a.search:
         search["picked"] = {"finetune": results["finetune"]["hyper"], "prune_finetune": results["prune_finetune"]["hyper"]}
         results["search"] = search
-    if J.resumed:
+    results["stage_commits"] = sorted(commits)  # more than one: a resumed run spanning commits
+    if J.resumed:  # "seconds" below is this process's part only
         results["resumed_stages"] = sorted(set(J.resumed))
     save_pruned(keep_model, out / "pruned_model", extra={"data": task.name, "horizon": a.horizon})
     results["seconds"] = round(time.time() - t0, 1)
@@ -864,7 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--resume", action="store_true",
                        help="continue the unfinished run in --out from its journal (--out/progress: every "
                             "finished fine-tune, calibration and test pass is read back, not re-run); the "
-                            "options must be the ones it was started with (--threads may differ)")
+                            "options, thread count, code versions, model and data must be the ones it "
+                            "was started with")
 
     cmds = (("run", cmd_run, (prune_args, ft_args, run_args)), ("prune", cmd_prune, (prune_args,)),
             ("finetune", cmd_finetune, (ft_args,)), ("evaluate", cmd_evaluate, ()))

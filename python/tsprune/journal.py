@@ -1,14 +1,16 @@
 """The progress journal of one ``tsprune run``: what lets a run of hours survive being stopped.
 
 A run is a fixed sequence of stages (zero-shot test, baselines, every fine-tune of the grid, every
-calibration, every seed ...). Each stage seeds everything it draws from, so its result depends on
-its inputs only, never on what ran before it in the same process: a stage finished in an earlier
+calibration, every seed ...). Each stage is started from the same seed (``tsprune run`` seeds
+before each one; fine-tunes and calibrations seed themselves again), so its result depends on its
+inputs only, never on what ran before it in the same process: a stage finished in an earlier
 process can be read back instead of recomputed, and the finished run is the same run.
 
 Layout under ``<out>/progress/`` (removed when the run has written its results):
 
-- ``run.json``: what the results depend on (every option except where the output goes, progress
-  bars and threads; the model's sha256; the task's windows). ``--resume`` refuses a journal whose
+- ``run.json``: what the results depend on (every option except where the output goes and progress
+  bars; the torch thread count, which changes float sums; the versions of tsprune, torch,
+  transformers and chronos-forecasting; the model's sha256; the task's windows and series sha256). ``--resume`` refuses a journal whose
   run.json differs, naming the options.
 - ``<stage>.json``: one record per finished stage, written atomically after everything the stage
   saves, so a record exists only for a stage that finished.
@@ -42,7 +44,7 @@ def model_sha256(model: nn.Module) -> str:
     for k, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return h.hexdigest()
 
 
@@ -93,6 +95,7 @@ class Journal:
     def __init__(self, directory, run: dict, *, resume: bool, enabled: bool = True, log=None):
         self.dir = pathlib.Path(directory)
         self.enabled = enabled
+        self.log = log
         self.resumed: list[str] = []
         if not enabled:
             return
@@ -102,6 +105,9 @@ class Journal:
             n = len(self.finished())
             raise ValueError(f"--out {self.dir.parent}: holds an unfinished run ({self.dir}, {n} stage(s) done): "
                              f"add --resume to continue it, or remove {self.dir} to start over")
+        if resume and not spec.exists() and self.dir.exists() and self.finished():
+            raise ValueError(f"--resume: {self.dir} holds stage records but no run.json (what they were run "
+                             f"with is unknown): remove {self.dir} to start over")
         if resume and spec.exists():
             old = json.loads(spec.read_text())
             diff = _differences(old, run)
@@ -152,14 +158,19 @@ class Journal:
             _atomic_bytes(self.dir / f"{name}.pt", lambda f: torch.save({"tag": tag, "state": sd}, f))
 
     def load_state(self, name: str, model: nn.Module, tag: str) -> bool:
-        """Fill ``model`` with the weights saved under ``name`` if their tag is ``tag``; False otherwise."""
+        """Fill ``model`` with the weights saved under ``name`` if their tag is ``tag``; False
+        otherwise (missing, another stage's, or unreadable: the caller runs its stage again)."""
         p = self.dir / f"{name}.pt"
         if not (self.enabled and p.exists()):
             return False
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-        if blob.get("tag") != tag:
+        try:
+            blob = torch.load(p, map_location="cpu", weights_only=True)
+            if not isinstance(blob, dict) or blob.get("tag") != tag:
+                return False
+            model.load_state_dict(blob["state"], strict=True)
+        except Exception as e:  # noqa: BLE001 - a damaged file means: run the stage again
+            self._warn(f"{p} unreadable ({type(e).__name__}: {e}); its stage runs again")
             return False
-        model.load_state_dict(blob["state"], strict=True)
         return True
 
     def save_pruned(self, name: str, model: nn.Module, tag: str) -> None:
@@ -168,6 +179,7 @@ class Journal:
             return
         from .checkpoint import save_pruned
 
+        (self.dir / f"{name}.tag.json").unlink(missing_ok=True)  # no tag names a model being replaced
         save_pruned(model, self.dir / name)
         self._write_json(self.dir / f"{name}.tag.json", {"tag": tag})  # after the model: it names it
 
@@ -178,7 +190,26 @@ class Journal:
             return None
         from .checkpoint import load_pruned
 
-        return load_pruned(self.dir / name, dtype=None)
+        try:
+            return load_pruned(self.dir / name, dtype=None)
+        except Exception as e:  # noqa: BLE001 - a damaged save means: run the stage again
+            self._warn(f"{self.dir / name} unreadable ({type(e).__name__}: {e}); its stage runs again")
+            return None
+
+    def drop(self, name: str) -> None:
+        """Remove a saved model no later stage needs (its record stays)."""
+        if self.enabled:
+            (self.dir / f"{name}.tag.json").unlink(missing_ok=True)
+            shutil.rmtree(self.dir / name, ignore_errors=True)
+            (self.dir / f"{name}.pt").unlink(missing_ok=True)
+
+    def rerun(self, stage: str) -> None:
+        """``stage`` was read back but had to run again: not reported as resumed."""
+        self.resumed = [s for s in self.resumed if s != stage]
+
+    def _warn(self, msg: str) -> None:
+        if self.log:
+            self.log(f"resume: {msg}")
 
     def path(self, name: str) -> pathlib.Path:
         return self.dir / name

@@ -1,12 +1,14 @@
 """`tsprune run --resume`: a run stopped after any stage and continued gives the run that was never
-stopped (every number equal, not close: each stage seeds itself), re-runs no finished stage, and
-refuses to mix settings; a plain run refuses to overwrite an unfinished one.
+stopped (every number equal, not close: every stage starts from the same seed), re-runs no
+finished fine-tune or calibration, and refuses to mix settings; a plain run refuses to overwrite
+an unfinished one.
 
 Tiny settings as in test_cli_run.py (synthetic task, lookback 64, horizon 24, 2 fine-tune steps).
 """
 import contextlib
 import io
 import json
+import re
 
 import pytest
 
@@ -37,7 +39,7 @@ def _numbers(res: dict) -> dict:
         if isinstance(x, dict):
             return {k: strip(v) for k, v in x.items() if k not in {
                 "eval_seconds", "ms_per_window", "seconds", "calibration_seconds", "calibration_windows_per_second",
-                "resume", "out", "heatmap", "resumed_stages", "speed", "wall_seconds", "train_seconds",
+                "resume", "out", "heatmap", "resumed_stages", "stage_commits", "speed", "wall_seconds", "train_seconds",
                 "threads", "windows_per_second"} and "seconds" not in k}
         if isinstance(x, list):
             return [strip(v) for v in x]
@@ -92,11 +94,14 @@ def test_stopped_and_resumed_equals_straight(tmp_path, monkeypatch, straight, st
     rc, log = _run(out)
     assert rc == 2 and "unfinished run" in log and "--resume" in log, log
 
-    fts = _count(monkeypatch, "_finetune")
+    fts, cals = _count(monkeypatch, "_finetune"), _count(monkeypatch, "_prune")
     rc, log = _run(out, "--resume")
     assert rc == 0, log
-    assert "resume:" in log
+    assert re.search(r"resume: [1-9]\d* finished stage", log), log
     assert len(fts) == 6 - stop_after  # no finished fine-tune trained again
+    # calibrations (journaled when they end, before the fine-tune that stopped): 0 and 1 of the grid
+    # unless finished, and the second seed's (part of its seed stage, so run again at stop 5)
+    assert len(cals) == {1: 3, 3: 2, 4: 1, 5: 1}[stop_after]
     res = json.loads((out / "results.json").read_text())
     assert _numbers(res) == _numbers(straight)
     assert set(res["resumed_stages"]) >= {"zero_shot", "baselines"}
@@ -161,3 +166,73 @@ def test_a_pick_whose_saved_model_is_gone_is_trained_again(tmp_path, monkeypatch
     assert rc == 0, log
     assert len(fts) == 1 + 1 + 3  # the pick trained again, its second seed, 2 + 1 prune-then-finetune
     assert _numbers(json.loads((out / "results.json").read_text())) == _numbers(straight)
+
+
+def test_stopped_between_saving_a_pick_and_its_record(tmp_path, monkeypatch, straight):
+    """A stop after a grid point's pick model is saved but before its record is written: the
+    saved model is not trusted under a record that does not exist; the point runs again."""
+    from tsprune.journal import Journal
+
+    out = tmp_path / "run"
+    real = Journal.put
+
+    def put(self, stage, record):
+        if stage == "prune_finetune_grid_0":
+            raise Stop("stopped")
+        return real(self, stage, record)
+
+    monkeypatch.setattr(Journal, "put", put)
+    with pytest.raises(Stop):
+        _run(out)
+    assert (out / "progress" / "prune_finetune_pick.tag.json").exists()
+    monkeypatch.setattr(Journal, "put", real)
+    fts = _count(monkeypatch, "_finetune")
+    rc, log = _run(out, "--resume")
+    assert rc == 0, log
+    assert len(fts) == 3  # prune-then-finetune grid points 0 and 1, its seed 1
+    assert _numbers(json.loads((out / "results.json").read_text())) == _numbers(straight)
+
+
+def test_several_rates_per_calibration(tmp_path, monkeypatch):
+    """Two lrs share each calibration: stopped in the second calibration's first fine-tune, the
+    resume loads that calibration's pruned model instead of calibrating again, retrains nothing
+    finished, and equals the straight run."""
+    grid = ["--grid-ptf-lr", "0.002,0.004", "--seeds", "1"]
+    rc, log = _run(tmp_path / "straight", *grid)
+    assert rc == 0, log
+    want = _numbers(json.loads((tmp_path / "straight" / "results.json").read_text()))
+    real = cli._finetune
+    n = {"ft": 0}
+
+    def stopping(*a, **k):
+        if n["ft"] == 4:  # stops prune-then-finetune grid point 2 after its calibration (1) finished
+            raise Stop("stopped")
+        n["ft"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "_finetune", stopping)
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        _run(out, *grid)
+    monkeypatch.setattr(cli, "_finetune", real)
+    fts, cals = _count(monkeypatch, "_finetune"), _count(monkeypatch, "_prune")
+    rc, log = _run(out, *grid, "--resume")
+    assert rc == 0, log
+    assert (len(fts), len(cals)) == (2, 0)  # grid points 2 and 3 on calibration 1, read back from disk
+    assert _numbers(json.loads((out / "results.json").read_text())) == want
+
+
+def test_model_sha256_covers_0dim_buffers_and_every_byte():
+    import torch
+    from torch import nn
+
+    from tsprune.journal import model_sha256
+
+    m = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))  # num_batches_tracked: a 0-dim int64
+    h = model_sha256(m)
+    m[1].num_batches_tracked += 1
+    assert model_sha256(m) != h
+    m[1].num_batches_tracked -= 1
+    with torch.no_grad():
+        m[0].weight[1, 2] = torch.nextafter(m[0].weight[1, 2], torch.tensor(2.0))
+    assert model_sha256(m) != h
