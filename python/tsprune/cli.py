@@ -16,14 +16,12 @@ as one line ``tsprune CMD: error: ...`` with exit status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import itertools
 import json
 import math
 import os
 import pathlib
-import shutil
 import statistics
 import sys
 import tempfile
@@ -45,41 +43,20 @@ def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _atomic(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        from .checkpoint import _umask  # reads the umask without changing it (thread-safe)
-
-        os.chmod(tmp, 0o666 & ~_umask())  # like any other file (mkstemp makes 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _write_json(path: pathlib.Path, obj) -> None:
-    _atomic(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+    from .checkpoint import atomic_json
 
-
-def _json_default(o):
-    if isinstance(o, (pathlib.Path,)):
-        return str(o)
-    try:
-        return float(o)
-    except (TypeError, ValueError):
-        return str(o)
+    atomic_json(path, obj)
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
-    _atomic(path, text)
+    _write_bytes(path, text.encode())
+
+
+def _write_bytes(path: pathlib.Path, data: bytes) -> None:
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write(data))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,18 +352,6 @@ def _git_commit() -> str | None:
     return r.stdout.strip() or None if r.returncode == 0 else None
 
 
-def _copy_atomic(src: pathlib.Path, dst: pathlib.Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def cmd_run(a) -> dict:
     """zero-shot, fine-tune, prune-then-finetune and both baselines on one task; results table."""
     from . import distributed as D
@@ -401,9 +366,7 @@ def cmd_run(a) -> dict:
     if D.is_dist() and a.resume:
         raise ValueError("--resume is not supported under torchrun yet (run without it)")
     out = pathlib.Path(a.out)
-    if (out / "progress").exists() and not a.resume:  # before any work (Journal checks it again)
-        raise ValueError(f"--out {out}: holds an unfinished run ({out / 'progress'}): add --resume to continue "
-                         f"it, or remove {out / 'progress'} to start over")
+    Journal.refuse_unfinished(out / "progress", a.resume)  # before any work
     if D.is_main():
         check_out_dir(a.out)
     t0 = time.time()
@@ -535,10 +498,8 @@ def cmd_run(a) -> dict:
         if small is None:
             small = J.load_pruned(name, name)
             if small is None:  # its record without its model: calibrate again (same seed, same result)
-                J.rerun(name)
-                seed_everything(a.seed)
-                rep = J.put(name, {**run(), "_commit": commit})
-                rep.pop("_commit")
+                J.forget(name)
+                rep = stage(name, run)
         cal_reps[k] = rep
         held.clear()
         held[k] = (small, rep)
@@ -578,14 +539,19 @@ def cmd_run(a) -> dict:
     del best_p
     rep = pre[1] if pre is not None else cal_reps.get(k) or stage(f"calibration_{k}", lambda: calibration(k)[1])
 
-    def pick_ptf():
+    def picked_ptf_model():
+        """The picked prune-then-finetune model: in memory, else read back, else trained again."""
         nonlocal m
         if m is None:  # picked in an earlier process
             m = J.load_pruned("prune_finetune_pick", f"prune_finetune_grid_{i}")
             if m is None:
                 m = copy.deepcopy(calibration(k)[0])
                 _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
-        return {"seed": seeds[0], **_metrics(m, adapter, task.test, a), "val_mse": v, "train": h, "prune": rep}
+        return m
+
+    def pick_ptf():
+        return {"seed": seeds[0], **_metrics(picked_ptf_model(), adapter, task.test, a), "val_mse": v, "train": h,
+                "prune": rep}
 
     runs = [stage(f"prune_finetune_seed_{seeds[0]}", pick_ptf)]
     held.clear()
@@ -599,12 +565,7 @@ def cmd_run(a) -> dict:
                     "train": h2, "prune": rp}
 
         runs.append(stage(f"prune_finetune_seed_{s}", one))
-    if m is None:  # the picked model itself is needed below (speed, pruned_model): read back
-        m = J.load_pruned("prune_finetune_pick", f"prune_finetune_grid_{i}")
-        if m is None:
-            m = copy.deepcopy(calibration(k)[0])
-            _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
-    keep_model = m
+    keep_model = picked_ptf_model()  # needed below (speed, pruned_model)
     results["prune_finetune"] = _setting(runs, c)
     results["prune_finetune"]["prune"] = rep
     results["prune_finetune"]["lora_rank"] = a.lora_rank
@@ -612,7 +573,8 @@ def cmd_run(a) -> dict:
         r["prune"]["pruned_units_fraction"] for r in runs)
     results["nothing_pruned"] = any(r["prune"]["nothing_pruned"] for r in runs)
     if pre is None:  # the picked calibration's heatmap
-        _copy_atomic(J.path(f"calibration_{k}.png"), out / "sparsity.png")
+        png = J.path(f"calibration_{k}.png").read_bytes()
+        _write_bytes(out / "sparsity.png", png)
         rep["heatmap"] = str(out / "sparsity.png")
     zp = results["zero_shot"]["params"]
     for key in ("zero_shot", "finetune", "prune_finetune"):

@@ -27,13 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import pathlib
 import shutil
-import tempfile
 
 import torch
 from torch import nn
+
+from .checkpoint import atomic_json, atomic_write, json_text
 
 __all__ = ["Journal", "model_sha256"]
 
@@ -46,32 +46,6 @@ def model_sha256(model: nn.Module) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return h.hexdigest()
-
-
-def _atomic_bytes(path: pathlib.Path, write) -> None:
-    """Write through ``write(file)`` into a temp file beside ``path``, fsync, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _json_default(o):
-    if isinstance(o, pathlib.Path):
-        return str(o)
-    try:
-        return float(o)
-    except (TypeError, ValueError):
-        return str(o)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -99,12 +73,9 @@ class Journal:
         self.resumed: list[str] = []
         if not enabled:
             return
-        run = json.loads(json.dumps(run, default=_json_default))  # compare what a reread would hold
+        run = json.loads(json_text(run))  # compare what a reread would hold
         spec = self.dir / "run.json"
-        if self.dir.exists() and not resume:
-            n = len(self.finished())
-            raise ValueError(f"--out {self.dir.parent}: holds an unfinished run ({self.dir}, {n} stage(s) done): "
-                             f"add --resume to continue it, or remove {self.dir} to start over")
+        self.refuse_unfinished(self.dir, resume)
         if resume and not spec.exists() and self.dir.exists() and self.finished():
             raise ValueError(f"--resume: {self.dir} holds stage records but no run.json (what they were run "
                              f"with is unknown): remove {self.dir} to start over")
@@ -120,18 +91,27 @@ class Journal:
             if resume and log:
                 log(f"resume: no journal in {self.dir}; starting from the beginning")
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._write_json(spec, run)
+            atomic_json(spec, run)
+
+    @staticmethod
+    def refuse_unfinished(directory, resume: bool) -> None:
+        """ValueError if ``directory`` holds a journal and ``resume`` is off (an unfinished run is
+        never overwritten silently). Cheap: callers run it before loading anything."""
+        d = pathlib.Path(directory)
+        if d.exists() and not resume:
+            n = len(Journal._stages(d))
+            raise ValueError(f"--out {d.parent}: holds an unfinished run ({d}, {n} stage(s) done): "
+                             f"add --resume to continue it, or remove {d} to start over")
+
+    @staticmethod
+    def _stages(d: pathlib.Path) -> list[str]:
+        return sorted(p.stem for p in d.glob("*.json") if p.name != "run.json" and not p.name.endswith(".tag.json"))
 
     def finished(self) -> list[str]:
         """Names of the stages with a record."""
-        return sorted(p.stem for p in self.dir.glob("*.json")
-                      if p.name != "run.json" and not p.name.endswith(".tag.json"))
+        return self._stages(self.dir)
 
     # --- records ---------------------------------------------------------------------------------
-    def _write_json(self, path: pathlib.Path, obj) -> None:
-        text = json.dumps(obj, indent=1, default=_json_default) + "\n"
-        _atomic_bytes(path, lambda f: f.write(text.encode()))
-
     def get(self, stage: str) -> dict | None:
         """The record of a finished stage, or None (not finished, or the journal is off)."""
         if not self.enabled:
@@ -145,17 +125,17 @@ class Journal:
     def put(self, stage: str, record: dict) -> dict:
         """Mark ``stage`` finished with ``record`` (JSON); returns the record as a reread gives it,
         so a fresh run and a resumed one continue from the same values."""
-        rec = json.loads(json.dumps(record, default=_json_default))
+        text = json_text(record)
         if self.enabled:
-            self._write_json(self.dir / f"{stage}.json", rec)
-        return rec
+            atomic_write(self.dir / f"{stage}.json", lambda f: f.write(text.encode()))
+        return json.loads(text)
 
     # --- models ----------------------------------------------------------------------------------
     def save_state(self, name: str, model: nn.Module, tag: str) -> None:
         """The weights of ``model`` (same architecture as what ``load_state`` fills) under ``tag``."""
         if self.enabled:
             sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            _atomic_bytes(self.dir / f"{name}.pt", lambda f: torch.save({"tag": tag, "state": sd}, f))
+            atomic_write(self.dir / f"{name}.pt", lambda f: torch.save({"tag": tag, "state": sd}, f))
 
     def load_state(self, name: str, model: nn.Module, tag: str) -> bool:
         """Fill ``model`` with the weights saved under ``name`` if their tag is ``tag``; False
@@ -181,7 +161,7 @@ class Journal:
 
         (self.dir / f"{name}.tag.json").unlink(missing_ok=True)  # no tag names a model being replaced
         save_pruned(model, self.dir / name)
-        self._write_json(self.dir / f"{name}.tag.json", {"tag": tag})  # after the model: it names it
+        atomic_json(self.dir / f"{name}.tag.json", {"tag": tag})  # after the model: it names it
 
     def load_pruned(self, name: str, tag: str) -> nn.Module | None:
         """The pruned model saved under ``name`` if its tag is ``tag``; None otherwise."""
@@ -203,8 +183,11 @@ class Journal:
             shutil.rmtree(self.dir / name, ignore_errors=True)
             (self.dir / f"{name}.pt").unlink(missing_ok=True)
 
-    def rerun(self, stage: str) -> None:
-        """``stage`` was read back but had to run again: not reported as resumed."""
+    def forget(self, stage: str) -> None:
+        """Delete the record of ``stage`` (read back, but what it saved is lost or damaged), so that
+        it runs again; it is no longer reported as resumed."""
+        if self.enabled:
+            (self.dir / f"{stage}.json").unlink(missing_ok=True)
         self.resumed = [s for s in self.resumed if s != stage]
 
     def _warn(self, msg: str) -> None:

@@ -56,6 +56,21 @@ def straight(tmp_path_factory, _one_thread):
     return json.loads((out / "results.json").read_text())
 
 
+def _stop_at(monkeypatch, obj, name, n):
+    """``obj.name`` raises Stop on its call number n + 1 (the first n calls run); returns the real one."""
+    real = getattr(obj, name)
+    calls = {"n": 0}
+
+    def stopping(*a, **k):
+        if calls["n"] == n:
+            raise Stop("stopped")
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(obj, name, stopping)
+    return real
+
+
 def _count(monkeypatch, name):
     calls = []
     real = getattr(cli, name)
@@ -73,16 +88,7 @@ def _count(monkeypatch, name):
 @pytest.mark.parametrize("stop_after", [1, 3, 4, 5])
 def test_stopped_and_resumed_equals_straight(tmp_path, monkeypatch, straight, stop_after):
     out = tmp_path / "run"
-    real = cli._finetune
-    n = {"ft": 0}
-
-    def stopping(*a, **k):
-        if n["ft"] == stop_after:
-            raise Stop("stopped")
-        n["ft"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(cli, "_finetune", stopping)
+    real = _stop_at(monkeypatch, cli, "_finetune", stop_after)
     with pytest.raises(Stop):
         _run(out)
     assert (out / "progress" / "run.json").exists() and not (out / "results.json").exists()
@@ -111,11 +117,7 @@ def test_stopped_and_resumed_equals_straight(tmp_path, monkeypatch, straight, st
 
 def test_resume_refuses_other_settings(tmp_path, monkeypatch):
     out = tmp_path / "run"
-
-    def stop(*a, **k):
-        raise Stop("stopped")
-
-    monkeypatch.setattr(cli, "_finetune", stop)
+    _stop_at(monkeypatch, cli, "_finetune", 0)
     with pytest.raises(Stop):
         _run(out)
     monkeypatch.undo()
@@ -146,16 +148,8 @@ def test_a_pick_whose_saved_model_is_gone_is_trained_again(tmp_path, monkeypatch
     """The journal's models are only used under their own tag: a missing one means the stage that
     made it runs again (same seed, same numbers)."""
     out = tmp_path / "run"
-    real = cli._metrics
-    n = {"calls": 0}
-
-    def stopping(*a, **k):
-        if n["calls"] == 1:  # zero-shot scored, both fine-tune grid points done, the pick not yet scored
-            raise Stop("stopped")
-        n["calls"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(cli, "_metrics", stopping)
+    # stops at the second scoring: zero-shot scored, both fine-tune grid points done, the pick not yet
+    real = _stop_at(monkeypatch, cli, "_metrics", 1)
     with pytest.raises(Stop):
         _run(out)
     monkeypatch.setattr(cli, "_metrics", real)
@@ -193,33 +187,43 @@ def test_stopped_between_saving_a_pick_and_its_record(tmp_path, monkeypatch, str
     assert _numbers(json.loads((out / "results.json").read_text())) == _numbers(straight)
 
 
-def test_several_rates_per_calibration(tmp_path, monkeypatch):
+GRID2 = ["--grid-ptf-lr", "0.002,0.004", "--seeds", "1"]
+
+
+@pytest.fixture(scope="module")
+def straight_rates(tmp_path_factory, _one_thread):
+    out = tmp_path_factory.mktemp("straight_rates") / "run"
+    rc, log = _run(out, *GRID2)
+    assert rc == 0, log
+    return _numbers(json.loads((out / "results.json").read_text()))
+
+
+@pytest.mark.parametrize("lose_model", [False, True])
+def test_several_rates_per_calibration(tmp_path, monkeypatch, straight_rates, lose_model):
     """Two lrs share each calibration: stopped in the second calibration's first fine-tune, the
     resume loads that calibration's pruned model instead of calibrating again, retrains nothing
-    finished, and equals the straight run."""
-    grid = ["--grid-ptf-lr", "0.002,0.004", "--seeds", "1"]
-    rc, log = _run(tmp_path / "straight", *grid)
-    assert rc == 0, log
-    want = _numbers(json.loads((tmp_path / "straight" / "results.json").read_text()))
-    real = cli._finetune
-    n = {"ft": 0}
-
-    def stopping(*a, **k):
-        if n["ft"] == 4:  # stops prune-then-finetune grid point 2 after its calibration (1) finished
-            raise Stop("stopped")
-        n["ft"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(cli, "_finetune", stopping)
+    finished, and equals the straight run. If that saved model is gone, its record is forgotten and
+    the calibration runs once more (same seed: the same numbers)."""
+    # stops prune-then-finetune grid point 2 after its calibration (1) finished
+    real = _stop_at(monkeypatch, cli, "_finetune", 4)
     out = tmp_path / "run"
     with pytest.raises(Stop):
-        _run(out, *grid)
+        _run(out, *GRID2)
     monkeypatch.setattr(cli, "_finetune", real)
+    prog = out / "progress"
+    assert (prog / "calibration_1.json").exists() and (prog / "calibration_1.tag.json").exists()
+    if lose_model:
+        import shutil
+
+        shutil.rmtree(prog / "calibration_1")
     fts, cals = _count(monkeypatch, "_finetune"), _count(monkeypatch, "_prune")
-    rc, log = _run(out, *grid, "--resume")
+    rc, log = _run(out, *GRID2, "--resume")
     assert rc == 0, log
-    assert (len(fts), len(cals)) == (2, 0)  # grid points 2 and 3 on calibration 1, read back from disk
-    assert _numbers(json.loads((out / "results.json").read_text())) == want
+    # grid points 2 and 3 on calibration 1: read back from disk, or calibrated once more if lost
+    assert (len(fts), len(cals)) == (2, 1 if lose_model else 0)
+    res = json.loads((out / "results.json").read_text())
+    assert _numbers(res) == straight_rates
+    assert ("calibration_1" in res["resumed_stages"]) is not lose_model
 
 
 def test_model_sha256_covers_0dim_buffers_and_every_byte():
