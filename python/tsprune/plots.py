@@ -4,7 +4,6 @@ Stage of the flow: end of the line; reads the Pruner's per-mask sparsity and the
 """
 from __future__ import annotations
 
-import os
 import pathlib
 
 from .adapters.base import Site
@@ -64,10 +63,12 @@ def sparsity_heatmap(sites: list[Site], sparsity: dict[str, float], path, title:
     ax.set_title(title or "sparsity per layer and module")
     fig.tight_layout()
     path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .checkpoint import atomic_write
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -101,9 +101,9 @@ def _lr_factor(step: int, progress: float, warmup: int) -> float:
 
 
 def _atomic_save(obj, path: pathlib.Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class _Log:
