@@ -9,14 +9,18 @@ NLinear-style ridge map, all on every window of the standard test split. Each ce
 resumable: rerun the same command after an interruption; a cell stopped midway continues from its
 journal, ``tsprune run --resume``, so no finished fine-tune, calibration or test pass is repeated;
 cells already in the committed accuracy.json are restored into a missing run folder rather than
-re-run). Then every finished cell is gathered into
+re-run). A cell longer than a session: ``--snapshot`` copies the journal records (not the models)
+of unfinished cells into ``benchmarks/results/accuracy_progress/<cell>/``; committed, they are put
+back in a new checkout and the cell resumes there (the models later stages need are made again,
+with the same seeds, so the numbers are those of an uninterrupted run; tests/pipeline/
+test_cli_resume.py checks it). Then every finished cell is gathered into
 ``benchmarks/results/accuracy.json`` and ``accuracy.md``: mean +- std per row, parameters kept, whether
 prune-then-finetune beats fine-tune by more than one standard deviation (of either), and the average
 relative MSE change of prune-then-finetune against fine-tune (the paper's "4.4%" figure). Cells not
 run are listed as such, never filled in.
 
     python benchmarks/bench_accuracy.py [--cells ETTh1:96,ETTh2:96] [--seeds 3] [--runs runs/accuracy]
-        [--gather-only] [-- extra tsprune run options]
+        [--gather-only | --snapshot] [-- extra tsprune run options]
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +74,56 @@ def restore_cells(runs: pathlib.Path, table: pathlib.Path) -> list[str]:
                 if k in r}
         res.write_text(json.dumps({**keep, "restored_from": f"{table.name} gathered at commit {t.get('commit')}"}))
         done.append(f"{r['data']}:{r['horizon']}")
+    return done
+
+
+PROGRESS = HERE / "results" / "accuracy_progress"
+
+
+def _progress_files(prog: pathlib.Path) -> list[pathlib.Path]:
+    """What a snapshot keeps of a journal: run.json, the stage records and the heatmaps; no model
+    (a stage whose model is missing runs again on resume, with the same seed and the same result)."""
+    return sorted(f for f in prog.iterdir() if f.is_file() and not f.name.startswith(".")
+                  and not f.name.endswith(".tag.json") and f.suffix in (".json", ".png"))
+
+
+def snapshot_progress(runs: pathlib.Path, store: pathlib.Path = PROGRESS) -> list[str]:
+    """Copy the journal records of every unfinished cell under ``runs`` into ``store/<cell>`` (to be
+    committed: a cell needing more hours than a session has continues in the next checkout), and
+    remove the snapshots of cells that have finished. Returns the cells snapshotted."""
+    done = []
+    for cell in sorted(runs.glob("*_h*")) if runs.is_dir() else []:
+        prog, dst = cell / "progress", store / cell.name
+        if (cell / "results.json").is_file():
+            if dst.exists():
+                shutil.rmtree(dst)
+            continue
+        if not (prog / "run.json").is_file():
+            continue
+        tmp = store / f".{cell.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in _progress_files(prog):
+            shutil.copy2(f, tmp / f.name)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+        done.append(cell.name)
+    return done
+
+
+def restore_progress(runs: pathlib.Path, store: pathlib.Path = PROGRESS) -> list[str]:
+    """Put each snapshot back as ``runs/<cell>/progress`` where that cell has neither results nor a
+    journal (a new checkout); ``tsprune run --resume`` then continues it. Returns the cells restored."""
+    done = []
+    for snap in sorted(store.glob("*_h*")) if store.is_dir() else []:
+        cell = runs / snap.name
+        if (cell / "results.json").is_file() or (cell / "progress").exists():
+            continue
+        (cell / "progress").mkdir(parents=True)
+        for f in _progress_files(snap):
+            shutil.copy2(f, cell / "progress" / f.name)
+        done.append(snap.name)
     return done
 
 
@@ -163,15 +218,25 @@ def main(argv=None):
     p.add_argument("--runs", default="runs/accuracy", help="per-cell output folders (resumable)")
     p.add_argument("--gather-only", action="store_true", help="only gather finished cells into the table")
     p.add_argument("--name", default="accuracy", help="benchmarks/results/<name>.json / .md")
+    p.add_argument("--snapshot", action="store_true",
+                   help="only copy the journal records of unfinished cells into benchmarks/results/"
+                        "accuracy_progress/ (commit them: the next checkout resumes those cells)")
     a = p.parse_args(argv)
     cells = parse_cells(a.cells)
     runs = pathlib.Path(a.runs)
+    if a.snapshot:
+        print(f"snapshotted into {PROGRESS}: {', '.join(snapshot_progress(runs)) or 'nothing'}", flush=True)
+        return
+    back = restore_progress(runs)
+    if back:
+        print(f"journals restored from {PROGRESS} (resumed, their models re-made): {', '.join(back)}", flush=True)
     restored = restore_cells(runs, HERE / "results" / f"{a.name}.json")
     if restored:
         print(f"restored from benchmarks/results/{a.name}.json (not re-run): {', '.join(restored)}", flush=True)
     if not a.gather_only:
         for d, h, lb in cells:
             run_cell(runs, d, h, lb, a.seeds, a.model, extra)
+        snapshot_progress(runs)  # finished cells drop their snapshot; a failed one keeps its records
     g = gather(cells, runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()

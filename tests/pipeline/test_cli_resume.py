@@ -187,6 +187,45 @@ def test_stopped_between_saving_a_pick_and_its_record(tmp_path, monkeypatch, str
     assert _numbers(json.loads((out / "results.json").read_text())) == _numbers(straight)
 
 
+def _bench_accuracy():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_accuracy.py"
+    spec = importlib.util.spec_from_file_location("bench_accuracy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_resumed_from_records_alone_in_another_checkout(tmp_path, monkeypatch, straight):
+    """bench_accuracy's snapshot keeps a stopped cell's records, no model; restored under another
+    folder (a new checkout), the resume re-makes every model a later stage needs (same seeds) and
+    ends with the straight run's numbers; a finished cell's snapshot is removed."""
+    ba = _bench_accuracy()
+    runs, store = tmp_path / "runs", tmp_path / "store"
+    real = _stop_at(monkeypatch, cli, "_finetune", 5)  # stopped in the last seed of prune-then-finetune
+    with pytest.raises(Stop):
+        _run(runs / "synthetic_h24")
+    monkeypatch.setattr(cli, "_finetune", real)
+    assert ba.snapshot_progress(runs, store) == ["synthetic_h24"]
+    kept = sorted(f.name for f in (store / "synthetic_h24").iterdir())
+    assert "run.json" in kept and "prune_finetune_seed_0.json" in kept
+    assert all(f.endswith((".json", ".png")) and not f.endswith(".tag.json") for f in kept), kept
+
+    other = tmp_path / "checkout" / "runs"
+    assert ba.restore_progress(other, store) == ["synthetic_h24"]
+    assert ba.restore_progress(other, store) == []  # a journal already there is left alone
+    fts, cals = _count(monkeypatch, "_finetune"), _count(monkeypatch, "_prune")
+    rc, log = _run(other / "synthetic_h24", "--resume")
+    assert rc == 0, log
+    # the stopped seed (a calibration and a fine-tune), then the picked model, lost with the
+    # snapshot: its calibration and its fine-tune again
+    assert (len(fts), len(cals)) == (2, 2)
+    assert _numbers(json.loads((other / "synthetic_h24" / "results.json").read_text())) == _numbers(straight)
+    assert ba.snapshot_progress(other, store) == [] and not (store / "synthetic_h24").exists()
+
+
 GRID2 = ["--grid-ptf-lr", "0.002,0.004", "--seeds", "1"]
 
 
