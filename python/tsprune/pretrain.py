@@ -127,6 +127,42 @@ def _monitor_batch(seed: int, real: list[np.ndarray], n: int = 256):
     return w[:, :DEFAULT_CONTEXT], w[:, DEFAULT_CONTEXT:]
 
 
+#: Periods of the seasonal probe: sub-patch (12), the hourly day that ETTh1 / ETTh2 hinge on (24),
+#: three patches exactly (48) and the hourly week (168).
+PROBE_PERIODS = (12, 24, 48, 168)
+
+
+def seasonal_probe(model, periods=PROBE_PERIODS, n_phase: int = 8) -> dict:
+    """How well ``model`` (Chronos-Bolt, context ``DEFAULT_CONTEXT``) continues clean periodic
+    series: for each period, a sine and a sharp daily-dip square wave (1/6 of the period at -3,
+    the rest at 0.5) at ``n_phase`` phases, median forecast over ``DEFAULT_HORIZON`` steps; returns
+    ``{"p24": MSE / variance of the series, ..., "mean": mean of them}`` (0: perfect, ~1: a flat
+    line at the series' mean; a target segment of the long period can be flat, hence the variance
+    of the whole series). Deterministic; float32, no autocast; the model's device and mode kept."""
+    dev = next(model.parameters()).device
+    t = np.arange(DEFAULT_CONTEXT + DEFAULT_HORIZON, dtype=np.float64)
+    qs = list(model.chronos_config.quantiles)
+    mi = qs.index(0.5) if 0.5 in qs else len(qs) // 2
+    out = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for per in periods:
+            rows = []
+            for k in range(n_phase):
+                ph = t + k * per / n_phase
+                rows += [np.sin(2 * np.pi * ph / per), np.where(ph % per < per / 6, -3.0, 0.5)]
+            w = torch.tensor(np.stack(rows), dtype=torch.float32, device=dev)
+            x, y = w[:, :DEFAULT_CONTEXT], w[:, DEFAULT_CONTEXT:]
+            with torch.no_grad():
+                q = model(context=x).quantile_preds[:, mi, :y.shape[1]].float()
+            out[f"p{per}"] = round(float(((q - y) ** 2).mean(1).div(w.var(1)).mean()), 4)
+    finally:
+        model.train(was_training)
+    out["mean"] = round(float(np.mean([out[f"p{p}"] for p in periods])), 4)
+    return out
+
+
 class _CorpusStream(torch.utils.data.IterableDataset):
     """Corpus batches generated in DataLoader worker processes (``--workers``): on a GPU the
     generator (KernelSynth Choleskys, procedural series, mixtures: ~0.3-0.5 s per batch of 256 on
@@ -318,9 +354,11 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
                 model.eval()
                 with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     rec["monitor_loss"] = float(model(context=mon_ctx, target=mon_tgt).loss)
+                rec["seasonal_probe"] = seasonal_probe(model)
                 model.train()
             log(f"step {state['step']:6d}  loss {lv:.4f} (ema {run_loss:.4f})  "
                 f"{'monitor %.4f  ' % rec['monitor_loss'] if 'monitor_loss' in rec else ''}"
+                f"{'probe %.3f  ' % rec['seasonal_probe']['mean'] if 'seasonal_probe' in rec else ''}"
                 f"lr {rec['lr']:.2e}  {state['wall_s']:.0f}s", **rec)
         if time.time() - last_ckpt > ckpt_minutes * 60:
             save()
@@ -361,6 +399,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="runs/pretrain/ckpt.pt", help="checkpoint file (resumed if present)")
     p.add_argument("--export", default=None, help="only write the checkpoint's model to this directory")
+    p.add_argument("--probe", default=None, metavar="MODEL",
+                   help="only print the seasonal probe (JSON) of a saved model (a directory, or 'default')")
     p.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch", type=int, default=256)
@@ -390,6 +430,17 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if a.export:
         export(pathlib.Path(a.ckpt), pathlib.Path(a.export), a.storage)
+        return
+    if a.probe:
+        from .models import load_model
+
+        try:
+            m = load_model(a.probe)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise SystemExit(f"error: pretrain --probe {a.probe}: {e}") from None
+        if getattr(m, "chronos_config", None) is None:
+            raise SystemExit(f"error: pretrain --probe {a.probe}: not a Chronos-Bolt model")
+        print(json.dumps(seasonal_probe(m.float())))
         return
     if a.workers < 0:
         raise SystemExit(f"error: pretrain: --workers must be >= 0, got {a.workers}")

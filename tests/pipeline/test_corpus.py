@@ -198,3 +198,47 @@ def test_pick_device_names_the_option():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             P.pick_device("cuda")
+
+
+class _FakeBolt(torch.nn.Module):
+    """Stands in for Chronos-Bolt in the seasonal probe: ``oracle`` continues the context with the
+    longest probe period it repeats exactly (exact for the probe's clean series: a longer period that
+    matches is a multiple of the true one, while a flat stretch of the square wave also repeats at
+    shorter lags), otherwise the context mean (a flat line)."""
+
+    def __init__(self, oracle: bool):
+        super().__init__()
+        import types
+
+        from tsprune.pretrain import DEFAULT_HORIZON
+
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.oracle, self.h = oracle, DEFAULT_HORIZON
+        self.chronos_config = types.SimpleNamespace(quantiles=[0.1, 0.5, 0.9])
+
+    def forward(self, context):
+        import types
+
+        from tsprune.pretrain import PROBE_PERIODS
+
+        b, L = context.shape
+        pred = context.mean(1, keepdim=True).expand(b, self.h).clone()
+        if self.oracle:
+            for i in range(b):
+                x = context[i]
+                per = next(p for p in sorted(PROBE_PERIODS, reverse=True) if torch.allclose(x[-p:], x[-2 * p:-p], atol=1e-5))
+                pred[i] = x[L - per + torch.arange(self.h) % per]
+        return types.SimpleNamespace(quantile_preds=torch.stack([pred - 1, pred, pred + 1], 1))
+
+
+def test_seasonal_probe_scores_an_exact_continuation_0_and_a_flat_line_about_1():
+    from tsprune.pretrain import PROBE_PERIODS, seasonal_probe
+
+    exact, flat = _FakeBolt(True).train(), _FakeBolt(False)
+    s = seasonal_probe(exact)
+    assert set(s) == {f"p{p}" for p in PROBE_PERIODS} | {"mean"}
+    assert all(v < 1e-6 for v in s.values()), s
+    assert exact.training  # the caller's mode is restored
+    f = seasonal_probe(flat)
+    assert all(0.7 < v < 1.4 for v in f.values()), f
+    assert seasonal_probe(flat) == f  # deterministic
