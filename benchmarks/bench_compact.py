@@ -21,6 +21,7 @@ process, median after warm-up (benchmarks/_common.bench, runs interleaved round-
     calibration loop itself adds at its peak. CPU only; on CUDA use torch.cuda.max_memory_allocated.
 
     python benchmarks/bench_compact.py [--batch 8] [--reps 3] [--tiny] [--whole default|small|none] [--memory]
+        [--device cpu|cuda --dtype float32|bfloat16]  (device and dtype of (a))
         [--windows 16384 --epochs 4 --calib-batch 128 --macro 1024 --ratio 0.1 --val-windows 4096]
 """
 from __future__ import annotations
@@ -61,12 +62,28 @@ def _set_plain_masks(plain, pruner):
                     d[side].copy_(masks[s.mask_name(side)].repeat_interleave(spec.block))
 
 
-def step_table(cfg, batch, reps):
-    base = _frozen(build_model(cfg, seed=0))
+def _synced(cases: dict, dev: torch.device) -> dict:
+    """On CUDA each timed call ends with a synchronize, so the wall time covers its kernels."""
+    if dev.type != "cuda":
+        return cases
+
+    def wrap(f):
+        def g():
+            f()
+            torch.cuda.synchronize(dev)
+        return g
+    return {k: wrap(f) for k, f in cases.items()}
+
+
+def step_table(cfg, batch, reps, device="cpu", dtype=torch.float32):
+    """(a) on ``device`` with the model's weights (and the inputs) in ``dtype``: on CUDA the
+    masked Linears run tsprune's Triton path, the baseline plain autograd, both in that dtype."""
+    dev = torch.device(device)
+    base = _frozen(build_model(cfg, seed=0)).to(device=dev, dtype=dtype)
     L, H = cfg["chronos_config"]["context_length"], cfg["chronos_config"]["prediction_length"]
     g = torch.Generator().manual_seed(0)
-    ctx = torch.randn(batch, L, generator=g).cumsum(-1)
-    tgt = ctx[:, -H:] + torch.randn(batch, H, generator=g)
+    ctx = torch.randn(batch, L, generator=g).cumsum(-1).to(device=dev, dtype=dtype)
+    tgt = ctx[:, -H:] + torch.randn(batch, H, generator=g).to(device=dev, dtype=dtype)
 
     runs = {}
     for name, compact in (("tsprune_masks_only", False), ("tsprune_compact", True)):
@@ -111,16 +128,18 @@ def step_table(cfg, batch, reps):
     cases = {"dense_no_masks": unmasked("dense", dense), "autograd_masks": plain_step,
              "tsprune_masks_only": fwd_bwd(mo, pro), "tsprune_compact": fwd_bwd(mc, prc),
              "repacked": unmasked("repacked", repacked)}
-    r = bench(cases, warmup=1, reps=reps)
+    r = bench(_synced(cases, dev), warmup=1, reps=reps)
     d = r["dense_no_masks"]["median_ms"]
     for v in r.values():
         v["vs_dense"] = v["median_ms"] / d
     n = lambda mm: sum(p.numel() for p in mm.parameters())  # noqa: E731
-    meta = {"pruned_units_fraction": pro.pruned_fraction(), "params_dense": n(dense),
+    meta = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+            "pruned_units_fraction": pro.pruned_fraction(), "params_dense": n(dense),
             "params_compacted": n(mc), "params_repacked": n(repacked), "same_masks": same,
             "macro_step": {"pruned": info.pruned, "live": info.live, "total": info.total}}
     print(f"(a) step after one macro-step ({meta['pruned_units_fraction']:.1%} of units pruned; batch {batch} x "
-          f"context {L}; {meta['params_dense']:,} -> {meta['params_compacted']:,} parameters):")
+          f"context {L}; {meta['params_dense']:,} -> {meta['params_compacted']:,} parameters; {meta['device']}, "
+          f"{meta['dtype']}):")
     for k, v in r.items():
         print(f"  {k:20s} {v['median_ms']:8.1f} ms  {v['vs_dense']:.2f}x dense")
     pro.detach()
@@ -312,6 +331,8 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=c["ratio"], help="prune ratio per epoch of (b)")
     p.add_argument("--val-windows", type=int, default=c["val_windows"], help="validation windows of (b)")
     p.add_argument("--no-step", action="store_true", help="skip (a)")
+    p.add_argument("--device", default="cpu", help="device of (a): cpu or cuda (the GPU suite)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and inputs of (a)")
     p.add_argument("--memory", action="store_true", help="(c): peak memory of each row of (b), one process each")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one row of (b) (used by --memory)
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
@@ -325,7 +346,7 @@ def main(argv=None):
     cfg = BOLT_TINY if a.tiny else BOLT_SMALL
     res = {"config": cfg, "batch": a.batch}
     if not a.no_step:
-        res["step"] = step_table(cfg, a.batch, a.reps)
+        res["step"] = step_table(cfg, a.batch, a.reps, a.device, getattr(torch, a.dtype))
     if a.whole != "none":
         res["whole"] = whole_calibration(a.whole, **sched)
     if a.memory and a.whole != "none":
@@ -333,7 +354,8 @@ def main(argv=None):
                                                    calib_batch=a.calib_batch, ratio=a.ratio,
                                                    val_windows=a.val_windows))
     name = "compact" + ("_tiny" if a.tiny else "") + ("_step" if a.whole == "none" else "") + \
-        (f"_whole_{a.whole}" if a.no_step else "")
+        (f"_whole_{a.whole}" if a.no_step else "") + \
+        ("" if (a.device, a.dtype) == ("cpu", "float32") or a.no_step else f"_{a.device}_{a.dtype}")
     print("wrote", write(name, res))
 
 

@@ -44,10 +44,11 @@ def attach_autograd_masks(model, sites):
     for s in sites:
         lin = model.get_submodule(s.path)
         d = {}
+        kw = dict(device=lin.weight.device, dtype=lin.weight.dtype, requires_grad=True)
         if s.mask_in is not None:
-            d["in"] = torch.ones(lin.in_features, requires_grad=True)
+            d["in"] = torch.ones(lin.in_features, **kw)
         if s.mask_out is not None:
-            d["out"] = torch.ones(lin.out_features, requires_grad=True)
+            d["out"] = torch.ones(lin.out_features, **kw)
         params += list(d.values())
         lin._plain_masks = d
         lin.forward = types.MethodType(_autograd_masked_forward, lin)
