@@ -196,6 +196,11 @@ def markdown(g: dict, head: str) -> str:
             f"| {r['data']} | {r['horizon']} | {b['seasonal_naive']['mse']:.4f} | {b['linear']['mse']:.4f} | "
             f"{r['zero_shot']['mse']:.4f} | {_fmt(r['finetune'])} | {_fmt(r['prune_finetune'])} | {kept:.1%} | "
             f"{r['mse_change_pf_vs_ft']:+.1%} | {r['verdict']} |")
+    vw = [f"{r['data']} h{r['horizon']} {r['search']['val_windows']:,} of {r['search']['val_windows_available']:,}"
+          for r in g["rows"] if r["status"] == "done" and r.get("search")]
+    if vw:
+        lines += ["", "Validation windows the picks were made on (evenly spaced, of those available): "
+                  + "; ".join(vw) + "."]
     s = g["summary"]
     ch = s["mean_mse_change_pf_vs_ft"]
     lines += ["", f"Cells done: {s['cells_done']} of {s['cells_total']}. Prune-then-finetune better than fine-tune "
