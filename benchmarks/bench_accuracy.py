@@ -12,7 +12,8 @@ cells already in the committed accuracy.json are restored into a missing run fol
 re-run). A cell longer than a session: ``--snapshot`` copies the journal records (not the models)
 of unfinished cells into ``benchmarks/results/accuracy_progress/<cell>/``; committed, they are put
 back in a new checkout and the cell resumes there (the models later stages need are made again,
-with the same seeds, so the numbers are those of an uninterrupted run; tests/pipeline/
+with the same seeds and checked against their records, so the numbers are those of an
+uninterrupted run or the resume stops with one line; tests/pipeline/
 test_cli_resume.py checks it). Then every finished cell is gathered into
 ``benchmarks/results/accuracy.json`` and ``accuracy.md``: mean +- std per row, parameters kept, whether
 prune-then-finetune beats fine-tune by more than one standard deviation (of either), and the average
@@ -87,12 +88,25 @@ def _progress_files(prog: pathlib.Path) -> list[pathlib.Path]:
                   and not f.name.endswith(".tag.json") and f.suffix in (".json", ".png"))
 
 
-def snapshot_progress(runs: pathlib.Path, store: pathlib.Path = PROGRESS) -> list[str]:
-    """Copy the journal records of every unfinished cell under ``runs`` into ``store/<cell>`` (to be
-    committed: a cell needing more hours than a session has continues in the next checkout), and
-    remove the snapshots of cells that have finished. Returns the cells snapshotted."""
+def _cells_in(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The cell folders (``<data>_h<H>``) in ``folder``; hidden ones (temp copies) are not cells."""
+    if not folder.is_dir():
+        return []
+    return sorted(c for c in folder.glob("*_h*") if c.is_dir() and not c.name.startswith("."))
+
+
+def snapshot_progress(runs: pathlib.Path, store: pathlib.Path = PROGRESS, only=None) -> list[str]:
+    """Copy the journal records of every unfinished cell under ``runs`` (or of the cell names in
+    ``only``) into ``store/<cell>`` (to be committed: a cell needing more hours than a session has
+    continues in the next checkout), and remove the snapshots of those cells that have finished.
+    Safe beside a running cell: a file that goes while it is copied is skipped, and each copy is
+    renamed into place whole. Returns the cells snapshotted."""
+    import tempfile
+
     done = []
-    for cell in sorted(runs.glob("*_h*")) if runs.is_dir() else []:
+    for cell in _cells_in(runs):
+        if only is not None and cell.name not in only:
+            continue
         prog, dst = cell / "progress", store / cell.name
         if (cell / "results.json").is_file():
             if dst.exists():
@@ -100,29 +114,49 @@ def snapshot_progress(runs: pathlib.Path, store: pathlib.Path = PROGRESS) -> lis
             continue
         if not (prog / "run.json").is_file():
             continue
-        tmp = store / f".{cell.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in _progress_files(prog):
-            shutil.copy2(f, tmp / f.name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{cell.name}.", dir=store))
+        try:
+            for f in _progress_files(prog):
+                try:
+                    shutil.copy2(f, tmp / f.name)
+                except FileNotFoundError:  # removed by the running cell meanwhile
+                    pass
+            if not (tmp / "run.json").is_file():
+                continue
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         done.append(cell.name)
+    for stale in (store.glob(".*_h*") if store.is_dir() else []):  # left by an interrupted snapshot
+        if only is None:
+            shutil.rmtree(stale, ignore_errors=True)
     return done
 
 
 def restore_progress(runs: pathlib.Path, store: pathlib.Path = PROGRESS) -> list[str]:
-    """Put each snapshot back as ``runs/<cell>/progress`` where that cell has neither results nor a
-    journal (a new checkout); ``tsprune run --resume`` then continues it. Returns the cells restored."""
+    """Put each snapshot back as ``runs/<cell>/progress`` where ``runs/<cell>`` does not exist at
+    all (a new checkout); a cell folder that exists (finished, running, or emptied by hand to start
+    the cell over) is never touched. ``tsprune run --resume`` then continues the cell. Each copy is
+    renamed into place whole. Returns the cells restored."""
+    import tempfile
+
     done = []
-    for snap in sorted(store.glob("*_h*")) if store.is_dir() else []:
+    for snap in _cells_in(store):
         cell = runs / snap.name
-        if (cell / "results.json").is_file() or (cell / "progress").exists():
+        if cell.exists():
             continue
-        (cell / "progress").mkdir(parents=True)
-        for f in _progress_files(snap):
-            shutil.copy2(f, cell / "progress" / f.name)
+        runs.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{snap.name}.", dir=runs))
+        try:
+            (tmp / "progress").mkdir()
+            for f in _progress_files(snap):
+                shutil.copy2(f, tmp / "progress" / f.name)
+            os.replace(tmp, cell)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         done.append(snap.name)
     return done
 
@@ -232,16 +266,19 @@ def main(argv=None):
     if a.snapshot:
         print(f"snapshotted into {PROGRESS}: {', '.join(snapshot_progress(runs)) or 'nothing'}", flush=True)
         return
-    back = restore_progress(runs)
-    if back:
-        print(f"journals restored from {PROGRESS} (resumed, their models re-made): {', '.join(back)}", flush=True)
     restored = restore_cells(runs, HERE / "results" / f"{a.name}.json")
     if restored:
         print(f"restored from benchmarks/results/{a.name}.json (not re-run): {', '.join(restored)}", flush=True)
+    back = restore_progress(runs)  # after the finished cells: a finished cell's stale snapshot stays out
+    if back:
+        print(f"journals restored from {PROGRESS} (to resume; their models are made again): {', '.join(back)}",
+              flush=True)
     if not a.gather_only:
         for d, h, lb in cells:
             run_cell(runs, d, h, lb, a.seeds, a.model, extra)
-        snapshot_progress(runs)  # finished cells drop their snapshot; a failed one keeps its records
+        # this command's cells only (another process may be running others): finished cells drop
+        # their snapshot, a failed or stopped one keeps its records
+        snapshot_progress(runs, only={f"{d}_h{h}" for d, h, _ in cells})
     g = gather(cells, runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()

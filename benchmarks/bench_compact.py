@@ -79,6 +79,8 @@ def step_table(cfg, batch, reps, device="cpu", dtype=torch.float32):
     """(a) on ``device`` with the model's weights (and the inputs) in ``dtype``: on CUDA the
     masked Linears run tsprune's Triton path, the baseline plain autograd, both in that dtype."""
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench_compact: --device {device}: no CUDA device here")
     base = _frozen(build_model(cfg, seed=0)).to(device=dev, dtype=dtype)
     L, H = cfg["chronos_config"]["context_length"], cfg["chronos_config"]["prediction_length"]
     g = torch.Generator().manual_seed(0)

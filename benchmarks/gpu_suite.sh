@@ -25,8 +25,9 @@
 #          micro-batches 8 and 64 (compact_cuda_b*.json / .log: issue 11's step ratios).
 #
 # Artefacts in $OUT: env.txt, nvidia-smi.txt, build.log, backends.json, tests_*.log / *.xml,
-# gpu_bench.json, gpu_bench.md, summary.txt. Exit status: non-zero if the build or any gating
-# test run failed (the benchmark targets are reported, not gating).
+# gpu_bench.json, gpu_bench.md, compact_cuda_b8.json / _b64.json (+ .log), summary.txt. Exit
+# status: non-zero if the build or any gating test run failed (the benchmark targets are reported,
+# not gating).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$PWD"
@@ -34,8 +35,11 @@ PY="${PYTHON:-python3}"
 # chronos-forecasting is not on the device: carried as a wheel in .whl (scripts/gpu_pretrain.sh
 # says how), it enables the pipeline tests and the compaction benchmark
 if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+  else
+    echo "[gpu_suite] installing the carried wheels in .whl FAILED: the pipeline tests and the compaction bench will skip"
+  fi
 fi
 OUT="${OUT:-$ROOT/benchmarks/results/gpu}"
 mkdir -p "$OUT"
@@ -176,7 +180,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
           benchmarks/bench_compact.py --whole none --device cuda --dtype bfloat16 --batch "$b" --reps 5 \
           >"$OUT/compact_cuda_b$b.log" 2>&1; then
         cp benchmarks/results/compact_step_cuda_bfloat16.json "$OUT/compact_cuda_b$b.json"
-        note "bench: compaction step, batch $b: $(grep -E 'compact|dense_no' "$OUT/compact_cuda_b$b.log" | tr -s ' ' | paste -sd ';')"
+        note "bench: compaction step, batch $b: $(grep -E '^  (dense_no_masks|autograd_masks|tsprune_|repacked)' "$OUT/compact_cuda_b$b.log" | tr -s ' ' | paste -sd ';')"
       else
         note "bench: compaction step, batch $b FAILED or out of time (see compact_cuda_b$b.log)"
         break

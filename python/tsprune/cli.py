@@ -402,6 +402,14 @@ def cmd_run(a) -> dict:
             say(rec)
         return rec
 
+    def same_as_recorded(what: str, recorded, remade) -> None:
+        """A model re-made on resume (its saved copy was lost, or never came with the records) must
+        reproduce what its record says, else later stages would mix two different runs."""
+        if recorded != remade:
+            raise ValueError(f"--resume: {what}, made again from its record, differs from it ({recorded!r} "
+                             f"recorded, {remade!r} now): the journal was made on another machine or build; "
+                             f"remove {J.dir} to start over")
+
     results: dict = {"config": {**{k: v for k, v in vars(a).items() if k != "func"}, "data": task.name},
                      "task": task.summary()}
     seeds = [a.seed + i for i in range(a.seeds)]
@@ -454,7 +462,9 @@ def cmd_run(a) -> dict:
         if mm is None:  # picked in an earlier process: its weights from the journal, else trained again
             mm = copy.deepcopy(base)
             if not J.load_state("finetune_pick", mm, f"finetune_grid_{i}"):
-                _finetune(mm, adapter, task, a, lr=c["lr"], seed=seeds[0], start=base_start)
+                h2 = _finetune(mm, adapter, task, a, lr=c["lr"], seed=seeds[0], start=base_start)
+                same_as_recorded(f"the fine-tune pick (grid point {i}): validation MSE", v,
+                                 _kept_val_mse(mm, adapter, task, a, h2))
         return {"seed": seeds[0], **_metrics(mm, adapter, task.test, a), "val_mse": v, "train": h}
 
     runs = [stage(f"finetune_seed_{seeds[0]}", pick_ft)]
@@ -498,8 +508,11 @@ def cmd_run(a) -> dict:
         if small is None:
             small = J.load_pruned(name, name)
             if small is None:  # its record without its model: calibrate again (same seed, same result)
+                old = rep
                 J.forget(name)
                 rep = stage(name, run)
+                for key2 in ("pruned_units_fraction", "val_loss_masked", "sparsity_by_mask"):
+                    same_as_recorded(f"{name}: {key2}", old.get(key2), rep.get(key2))
         cal_reps[k] = rep
         held.clear()
         held[k] = (small, rep)
@@ -546,7 +559,9 @@ def cmd_run(a) -> dict:
             m = J.load_pruned("prune_finetune_pick", f"prune_finetune_grid_{i}")
             if m is None:
                 m = copy.deepcopy(calibration(k)[0])
-                _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
+                h2 = _finetune(m, adapter, task, a, lr=c["lr"], seed=seeds[0])
+                same_as_recorded(f"the prune-then-finetune pick (grid point {i}): validation MSE", v,
+                                 _kept_val_mse(m, adapter, task, a, h2))
         return m
 
     def pick_ptf():

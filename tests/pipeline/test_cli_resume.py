@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 
 import pytest
 
@@ -48,12 +49,24 @@ def _numbers(res: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, _one_thread):
+def straight_out(tmp_path_factory, _one_thread):
     out = tmp_path_factory.mktemp("straight") / "run"
     rc, log = _run(out)
     assert rc == 0, log
     assert not (out / "progress").exists()  # a finished run leaves no journal
-    return json.loads((out / "results.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(straight_out):
+    return json.loads((straight_out / "results.json").read_text())
+
+
+def _saved_sha(folder):
+    from tsprune.checkpoint import load_pruned
+    from tsprune.journal import model_sha256
+
+    return model_sha256(load_pruned(folder, dtype=None))
 
 
 def _stop_at(monkeypatch, obj, name, n):
@@ -198,10 +211,10 @@ def _bench_accuracy():
     return mod
 
 
-def test_resumed_from_records_alone_in_another_checkout(tmp_path, monkeypatch, straight):
+def test_resumed_from_records_alone_in_another_checkout(tmp_path, monkeypatch, straight, straight_out):
     """bench_accuracy's snapshot keeps a stopped cell's records, no model; restored under another
     folder (a new checkout), the resume re-makes every model a later stage needs (same seeds) and
-    ends with the straight run's numbers; a finished cell's snapshot is removed."""
+    ends with the straight run's numbers and pruned model; a finished cell's snapshot is removed."""
     ba = _bench_accuracy()
     runs, store = tmp_path / "runs", tmp_path / "store"
     real = _stop_at(monkeypatch, cli, "_finetune", 5)  # stopped in the last seed of prune-then-finetune
@@ -213,9 +226,14 @@ def test_resumed_from_records_alone_in_another_checkout(tmp_path, monkeypatch, s
     assert "run.json" in kept and "prune_finetune_seed_0.json" in kept
     assert all(f.endswith((".json", ".png")) and not f.endswith(".tag.json") for f in kept), kept
 
+    assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temp copy left
     other = tmp_path / "checkout" / "runs"
     assert ba.restore_progress(other, store) == ["synthetic_h24"]
-    assert ba.restore_progress(other, store) == []  # a journal already there is left alone
+    assert ba.restore_progress(other, store) == []  # a cell folder already there is left alone
+    (other / "other_h1").mkdir()  # a cell emptied by hand to start over is not refilled either
+    shutil.copytree(store / "synthetic_h24", store / "other_h1")
+    assert ba.restore_progress(other, store) == [] and not any((other / "other_h1").iterdir())
+    shutil.rmtree(store / "other_h1")
     fts, cals = _count(monkeypatch, "_finetune"), _count(monkeypatch, "_prune")
     rc, log = _run(other / "synthetic_h24", "--resume")
     assert rc == 0, log
@@ -223,7 +241,31 @@ def test_resumed_from_records_alone_in_another_checkout(tmp_path, monkeypatch, s
     # snapshot: its calibration and its fine-tune again
     assert (len(fts), len(cals)) == (2, 2)
     assert _numbers(json.loads((other / "synthetic_h24" / "results.json").read_text())) == _numbers(straight)
+    assert _saved_sha(other / "synthetic_h24" / "pruned_model") == _saved_sha(straight_out / "pruned_model")
     assert ba.snapshot_progress(other, store) == [] and not (store / "synthetic_h24").exists()
+
+
+def test_a_remade_model_that_differs_from_its_record_is_refused(tmp_path, monkeypatch):
+    """Records made elsewhere (another machine or build): the calibration re-made from its record
+    does not reproduce it, and the resume stops with one line instead of mixing two runs."""
+    out = tmp_path / "run"
+    real = _stop_at(monkeypatch, cli, "_finetune", 5)
+    with pytest.raises(Stop):
+        _run(out)
+    monkeypatch.setattr(cli, "_finetune", real)
+    prog = out / "progress"
+    for f in prog.iterdir():  # the models are lost, as in a snapshot
+        if not f.name.endswith(".json") or f.name.endswith(".tag.json"):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    for f in prog.glob("calibration_*.json"):  # as if calibrated on another machine
+        rec = json.loads(f.read_text())
+        rec["val_loss_masked"] += 1e-9
+        f.write_text(json.dumps(rec))
+    rc, log = _run(out, "--resume")
+    assert rc == 2, log
+    line = log.strip().splitlines()[-1]
+    assert "made again from its record" in line and "val_loss_masked" in line and "another machine" in line, line
+    assert (prog / "run.json").exists()  # nothing it had is lost
 
 
 GRID2 = ["--grid-ptf-lr", "0.002,0.004", "--seeds", "1"]
@@ -252,8 +294,6 @@ def test_several_rates_per_calibration(tmp_path, monkeypatch, straight_rates, lo
     prog = out / "progress"
     assert (prog / "calibration_1.json").exists() and (prog / "calibration_1.tag.json").exists()
     if lose_model:
-        import shutil
-
         shutil.rmtree(prog / "calibration_1")
     fts, cals = _count(monkeypatch, "_finetune"), _count(monkeypatch, "_prune")
     rc, log = _run(out, *GRID2, "--resume")

@@ -242,3 +242,16 @@ def test_seasonal_probe_scores_an_exact_continuation_0_and_a_flat_line_about_1()
     f = seasonal_probe(flat)
     assert all(0.7 < v < 1.4 for v in f.values()), f
     assert seasonal_probe(flat) == f  # deterministic
+
+
+def test_probe_command_prints_the_default_models_scores(capsys):
+    import json
+
+    from tsprune.pretrain import PROBE_PERIODS, main
+
+    main(["--probe", "default"])
+    s = json.loads(capsys.readouterr().out)
+    assert set(s) == {f"p{p}" for p in PROBE_PERIODS} | {"mean"}
+    assert all(0.0 <= v < 10.0 for v in s.values()), s
+    with pytest.raises(SystemExit, match="no such model directory"):
+        main(["--probe", "/nonexistent/model"])
