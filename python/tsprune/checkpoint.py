@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Plan
+from .atomic import _umask, atomic_json, atomic_write, json_text  # noqa: F401 - re-exported
 from .repack import load_exact
 
 __all__ = ["save_pruned", "load_pruned", "FORMAT_VERSION"]
@@ -42,66 +43,6 @@ def _sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask is process-wide and not thread-safe)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    m = os.umask(0o022)
-    os.umask(m)
-    return m
-
-
-def atomic_write(path, write) -> None:
-    """Write a file atomically: ``write(f)`` fills a binary temp file beside ``path`` (created with
-    its folder if needed), which is fsynced, given the umask's permissions (mkstemp makes 0600)
-    and renamed over ``path``; on any failure the temp file goes and ``path`` is untouched."""
-    import tempfile
-
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _json_default(o):
-    if isinstance(o, pathlib.Path):
-        return str(o)
-    try:
-        return float(o)
-    except (TypeError, ValueError):
-        return str(o)
-
-
-def json_text(obj) -> str:
-    """``obj`` as the JSON tsprune writes (indent 1; paths as strings, numbers that are not
-    Python floats (numpy, tensors) as floats, anything else as its str)."""
-    import json
-
-    return json.dumps(obj, indent=1, default=_json_default) + "\n"
-
-
-def atomic_json(path, obj) -> None:
-    """``json_text(obj)`` written with ``atomic_write``."""
-    text = json_text(obj).encode()
-    atomic_write(path, lambda f: f.write(text))
 
 
 def _pid_alive(pid: int) -> bool:

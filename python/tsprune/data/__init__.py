@@ -3,7 +3,7 @@
 Stage of the flow: **source -> protocol -> windows -> ForecastTask** -> pruner / fine-tuner /
 evaluator; metrics score the forecasts. One module per idea, imported one way only:
 
-    sources    CSV files and named data sets (lookup, one-time download, load)     numpy, pandas
+    sources    CSV files and named data sets (lookup, one-time download, load)     numpy, pandas, ..atomic
     synthetic  synthetic series (pretraining corpus, bundled offline task)          numpy
     protocol   split borders and the train-only StandardScaler                     <- sources
     windows    WindowDataset and batch_indices, the one batching path               torch

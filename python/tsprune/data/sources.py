@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import tempfile
 import urllib.request
 from typing import Any
 
 import numpy as np
+
+from ..atomic import atomic_write
 
 __all__ = ["KNOWN_URLS", "resolve_csv", "search_dirs", "cache_dir", "load_csv", "infer_frequency"]
 
@@ -94,24 +95,17 @@ def _find_in(d: pathlib.Path, filename: str) -> pathlib.Path | None:
 
 
 def _download(url: str, dest: pathlib.Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> pathlib.Path:
-    """Fetch ``url`` to ``dest`` atomically (temp file in the same folder, checked, os.replace)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(dest.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(url, timeout=timeout) as resp:
+    """Fetch ``url`` to ``dest`` atomically; the temp file must parse as a CSV (an error page or a
+    truncated file is never cached)."""
+    def fetch(fh):
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             while True:
                 chunk = resp.read(1 << 20)
                 if not chunk:
                     break
                 fh.write(chunk)
-        load_csv(tmp)  # refuse to cache an error page or a truncated file
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    atomic_write(dest, fetch, check=load_csv)
     return dest
 
 
