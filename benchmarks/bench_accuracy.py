@@ -95,14 +95,38 @@ def _cells_in(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(c for c in folder.glob("*_h*") if c.is_dir() and not c.name.startswith("."))
 
 
+def _place_records(src: pathlib.Path, dest: pathlib.Path, inner: str = "") -> bool:
+    """Copy the journal records of ``src`` (:func:`_progress_files`) into ``dest/inner``, whole:
+    into a temp folder beside ``dest`` that is then renamed over it (an existing ``dest`` replaced).
+    A file that goes while it is copied (a running cell) is skipped; without run.json nothing is
+    placed and False is returned."""
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        into = tmp / inner
+        into.mkdir(exist_ok=True)
+        for f in _progress_files(src):
+            try:
+                shutil.copy2(f, into / f.name)
+            except FileNotFoundError:  # removed by the running cell meanwhile
+                pass
+        if not (into / "run.json").is_file():
+            return False
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def snapshot_progress(runs: pathlib.Path, store: pathlib.Path = PROGRESS, only=None) -> list[str]:
     """Copy the journal records of every unfinished cell under ``runs`` (or of the cell names in
     ``only``) into ``store/<cell>`` (to be committed: a cell needing more hours than a session has
     continues in the next checkout), and remove the snapshots of those cells that have finished.
-    Safe beside a running cell: a file that goes while it is copied is skipped, and each copy is
-    renamed into place whole. Returns the cells snapshotted."""
-    import tempfile
-
+    Safe beside a running cell (:func:`_place_records`). Returns the cells snapshotted."""
     done = []
     for cell in _cells_in(runs):
         if only is not None and cell.name not in only:
@@ -112,24 +136,8 @@ def snapshot_progress(runs: pathlib.Path, store: pathlib.Path = PROGRESS, only=N
             if dst.exists():
                 shutil.rmtree(dst)
             continue
-        if not (prog / "run.json").is_file():
-            continue
-        store.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{cell.name}.", dir=store))
-        try:
-            for f in _progress_files(prog):
-                try:
-                    shutil.copy2(f, tmp / f.name)
-                except FileNotFoundError:  # removed by the running cell meanwhile
-                    pass
-            if not (tmp / "run.json").is_file():
-                continue
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        done.append(cell.name)
+        if (prog / "run.json").is_file() and _place_records(prog, dst):
+            done.append(cell.name)
     for stale in (store.glob(".*_h*") if store.is_dir() else []):  # left by an interrupted snapshot
         if only is None:
             shutil.rmtree(stale, ignore_errors=True)
@@ -141,24 +149,8 @@ def restore_progress(runs: pathlib.Path, store: pathlib.Path = PROGRESS) -> list
     all (a new checkout); a cell folder that exists (finished, running, or emptied by hand to start
     the cell over) is never touched. ``tsprune run --resume`` then continues the cell. Each copy is
     renamed into place whole. Returns the cells restored."""
-    import tempfile
-
-    done = []
-    for snap in _cells_in(store):
-        cell = runs / snap.name
-        if cell.exists():
-            continue
-        runs.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{snap.name}.", dir=runs))
-        try:
-            (tmp / "progress").mkdir()
-            for f in _progress_files(snap):
-                shutil.copy2(f, tmp / "progress" / f.name)
-            os.replace(tmp, cell)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        done.append(snap.name)
-    return done
+    return [snap.name for snap in _cells_in(store)
+            if not (runs / snap.name).exists() and _place_records(snap, runs / snap.name, "progress")]
 
 
 def run_cell(runs: pathlib.Path, d: str, h: int, lb: int, seeds: int, model: str, extra: list[str]) -> dict | None:
