@@ -1,7 +1,7 @@
 """The pre-training corpus of the embedded default model: series generated on the fly.
 
 Stage of the flow: **generators -> windows [length]** -> ``tsprune.pretrain`` (never the pruning
-pipeline). Three sources, mixed per sample by :class:`Corpus`:
+pipeline). Three sources (four with ``periodic > 0``), mixed per sample by :class:`Corpus`:
 
 * ``kernel_synth``: Gaussian-process samples whose kernel is a random composition (sum or product)
   of 1-5 kernels drawn from a bank (constant, linear, RBF, rational quadratic, periodic at many
@@ -16,6 +16,11 @@ pipeline). Three sources, mixed per sample by :class:`Corpus`:
   crop scaled by its mean absolute value, optionally aggregated in time. Only TRAIN splits of the
   files given (see :func:`real_train_series`); the pre-training script passes ETTh2, exchange_rate
   and national_illness and never ETTh1.
+* ``periodic`` (off unless asked for): clean repeating waveforms (1-3 components among sines,
+  pulses / dips, sawtooths and random smooth harmonic shapes, at common periods slightly jittered
+  now and then, light noise and trend). The other sources bury seasonality under GP noise and
+  regime changes; a model pre-trained on them alone forecast a flat median for a clean daily dip
+  (``tsprune.pretrain.seasonal_probe``; benchmarks/README.md "Pre-training the next default model").
 
 All randomness comes from one ``numpy.random.Generator``; shorter-than-window series are padded on
 the left with NaN (Chronos-Bolt treats NaN as missing).
@@ -28,7 +33,11 @@ import numpy as np
 
 from .data.synthetic import SEASONAL_PERIODS, _ar1, _one_series
 
-__all__ = ["kernel_synth", "procedural", "real_mix", "real_train_series", "Corpus", "normalised_peak"]
+__all__ = ["kernel_synth", "procedural", "periodic_series", "real_mix", "real_train_series", "Corpus",
+           "normalised_peak", "SOURCES"]
+
+#: The sources in the order of :attr:`Corpus.counts`.
+SOURCES = ("kernel_synth", "procedural", "real_mix", "periodic")
 
 #: Periods (in steps) of the periodic kernels: hourly day / week, 15-min day, daily week / month /
 #: year, monthly year, weekly year, and a few short ones.
@@ -147,6 +156,40 @@ def procedural(rng: np.random.Generator, length: int) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+# -- periodic ----------------------------------------------------------------------------------------
+
+#: Periods of the periodic source (hourly day / week, 15-min day, daily week / month / year, ...).
+PERIODIC_PERIODS = (6, 7, 12, 24, 24, 24, 30, 48, 52, 96, 168, 365)
+
+
+def periodic_series(rng: np.random.Generator, length: int) -> np.ndarray:
+    """A clean repeating series [length] float32: a sum of 1-3 waveforms (sine, pulse / dip of a
+    random duty cycle, sawtooth, or a random smooth shape of four harmonics), each at a period of
+    :data:`PERIODIC_PERIODS` (one in five scaled by 0.7-1.4: not every season is a round number)
+    with a log-normal amplitude, plus a small trend and white noise up to half the signal's std."""
+    t = np.arange(length, dtype=np.float64)
+    x = np.zeros(length)
+    for _ in range(int(rng.integers(1, 4))):
+        period = float(rng.choice(PERIODIC_PERIODS))
+        if rng.random() < 0.2:
+            period *= rng.uniform(0.7, 1.4)
+        u = ((t + rng.uniform(0, period)) % period) / period  # phase in [0, 1)
+        kind = int(rng.integers(4))
+        if kind == 0:
+            w = np.sin(2 * np.pi * u)
+        elif kind == 1:
+            w = np.where(u < rng.uniform(0.05, 0.4), rng.normal(0, 2), 0.0)
+        elif kind == 2:
+            w = u - 0.5
+        else:
+            w = sum(rng.normal(0, 1 / k) * np.sin(2 * np.pi * k * u + rng.uniform(0, 2 * np.pi)) for k in range(1, 5))
+        x += rng.lognormal(0, 0.7) * w
+    sd = float(np.std(x))
+    x += rng.normal(0, 0.02) * rng.random() * t * (sd + 1e-3) / max(1.0, length / 50)
+    x += rng.uniform(0, 0.5) * sd * rng.standard_normal(length)
+    return x.astype(np.float32)
+
+
 # -- real_mix ----------------------------------------------------------------------------------------
 
 def real_train_series(names, min_len: int = 32) -> tuple[list[np.ndarray], list[str]]:
@@ -201,7 +244,9 @@ class Corpus:
     """Draws pre-training windows: ``sample(batch)`` -> float32 [batch, length] (NaN = missing).
 
     weights: probabilities of (kernel_synth, procedural, real_mix); real_mix's share goes to the
-    others when no real series is available. The kernel_synth pool holds ``pool_size`` series and
+    others when no real series is available. ``periodic``: the share of :func:`periodic_series`
+    (the others scaled by 1 - periodic); 0 (the default) draws exactly the stream of a corpus
+    without that source. ``counts`` [4]: samples drawn per source (:data:`SOURCES`). The kernel_synth pool holds ``pool_size`` series and
     ``refresh`` of them are replaced per call (Cholesky is the expensive part). Also applied per
     sample: a random offset / scale, and with probability ``short_ctx`` a context cut to a random
     length in [32, context] (left-padded with NaN) so short-context tasks are seen in training.
@@ -211,24 +256,28 @@ class Corpus:
 
     def __init__(self, length: int, context: int, rng: np.random.Generator, real: list[np.ndarray] | None = None,
                  weights=(0.35, 0.4, 0.25), pool_size: int = 2048, refresh: int = 4, short_ctx: float = 0.2,
-                 max_peak: float = 50.0):
+                 max_peak: float = 50.0, periodic: float = 0.0):
+        if not 0.0 <= periodic < 1.0:
+            raise ValueError(f"Corpus: periodic share must be in [0, 1), got {periodic}")
         self.length, self.context, self.rng = length, context, rng
         self.real = real or []
         w = np.asarray(weights, np.float64)
         if not self.real:
             w[2] = 0.0
         self.weights = w / w.sum()
+        if periodic > 0:  # a fourth source; without it the draw below is the three-way one of old
+            self.weights = np.append(self.weights * (1.0 - periodic), periodic)
         self.pool = [kernel_synth(rng, length) for _ in range(pool_size)] if self.weights[0] > 0 else []
         self.refresh, self.short_ctx = refresh, short_ctx
-        self.counts = np.zeros(3, np.int64)
+        self.counts = np.zeros(len(SOURCES), np.int64)
         self.max_peak, self.rejected = max_peak, 0
 
     def sample(self, batch: int) -> np.ndarray:
         rng, L = self.rng, self.length
         for _ in range(self.refresh if self.pool else 0):
             self.pool[int(rng.integers(len(self.pool)))] = kernel_synth(rng, L)
-        src = rng.choice(3, size=batch, p=self.weights)
-        self.counts += np.bincount(src, minlength=3)
+        src = rng.choice(len(self.weights), size=batch, p=self.weights)
+        self.counts += np.bincount(src, minlength=len(SOURCES))
         out = np.empty((batch, L), np.float32)
         for i, s in enumerate(src):
             if s == 0:
@@ -237,8 +286,10 @@ class Corpus:
                     x += rng.normal(0, 1.0) * np.linspace(0, 1, L, dtype=np.float32) + rng.normal(0, 1.0)
             elif s == 1:
                 x = procedural(rng, L)
-            else:
+            elif s == 2:
                 x = real_mix(rng, self.real, L)
+            else:
+                x = periodic_series(rng, L)
             x = x * float(np.exp(rng.uniform(math.log(0.1), math.log(100.0)))) + rng.normal(0, 10.0)
             if rng.random() < self.short_ctx:
                 keep = int(rng.integers(32, self.context + 1))

@@ -16,7 +16,8 @@ Training: AdamW, linear warm-up then cosine decay over ``--steps``, gradient cli
 autocast on a GPU and on CPUs with native bf16 (``--amp``). ``--device`` picks where it trains
 (CUDA when available); ``--workers N`` generates the corpus in N processes, which a GPU needs (one
 core makes ~2-3 batches of 256 per second); ``scripts/gpu_pretrain.sh`` runs it on a lent GPU;
-``--init DIR`` starts from a saved model's weights. A checkpoint (model, optimiser,
+``--init DIR`` starts from a saved model's weights; ``--periodic SHARE`` mixes clean periodic
+series into the corpus (tsprune.corpus.periodic_series). A checkpoint (model, optimiser,
 step, RNG state) is written atomically every ``--ckpt-minutes`` and at the end; rerunning the same
 command resumes from it (``--steps`` may be raised on resume: the schedule is a function of
 step / steps); with ``--max-minutes`` the cosine runs on whichever of step / steps and
@@ -169,13 +170,14 @@ class _CorpusStream(torch.utils.data.IterableDataset):
     generator (KernelSynth Choleskys, procedural series, mixtures: ~0.3-0.5 s per batch of 256 on
     one core) would otherwise starve the training step. Worker ``i`` of ``n`` draws from its own
     Corpus seeded by (seed, the step training resumes at, i), with a pool of ``pool_size / n``
-    series, and yields (windows [batch, length] float32, source counts [3], replaced-window count)
+    series, and yields (windows [batch, length] float32, source counts [4], replaced-window count)
     per batch. The stream is reproducible for a given resume history, not step-for-step equal to
     the in-process one (``workers=0``, whose RNG state the checkpoint restores exactly)."""
 
-    def __init__(self, seed: int, start_step: int, real: list, pool_size: int, batch: int):
+    def __init__(self, seed: int, start_step: int, real: list, pool_size: int, batch: int, periodic: float = 0.0):
         super().__init__()
         self.seed, self.start_step, self.real, self.pool_size, self.batch = seed, start_step, real, pool_size, batch
+        self.periodic = periodic
 
     def __iter__(self):
         from .corpus import Corpus
@@ -184,12 +186,12 @@ class _CorpusStream(torch.utils.data.IterableDataset):
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.start_step, wid]))
         c = Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, self.real,
-                   pool_size=max(16, self.pool_size // n))
+                   pool_size=max(16, self.pool_size // n), periodic=self.periodic)
         yield from _batches(c, self.batch)
 
 
 def _batches(c, batch: int):
-    """Endless (windows [batch, length] float32 tensor, source counts [3], replaced windows) of one
+    """Endless (windows [batch, length] float32 tensor, source counts [4], replaced windows) of one
     Corpus: the one batch protocol of the in-process generator and of the worker processes."""
     while True:
         before, rej = c.counts.copy(), c.rejected
@@ -247,7 +249,7 @@ def pick_device(name: str) -> torch.device:
 def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float = 1e-3, warmup: int = 300,
              seed: int = 0, amp: bool = True, ckpt_minutes: float = 5.0, max_minutes: float | None = None,
              pool_size: int = 2048, shape: dict | None = None, device: str | torch.device = "cpu",
-             workers: int = 0, init: str | pathlib.Path | None = None):
+             workers: int = 0, init: str | pathlib.Path | None = None, periodic: float = 0.0):
     """Train (or resume) until ``steps`` or ``max_minutes``; returns (model, info).
 
     ``shape``: overrides of DEFAULT_CONFIG (d_model, d_kv, num_heads, d_ff, layers); stored in the
@@ -256,8 +258,10 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
     in that many worker processes (:class:`_CorpusStream`); 0 generates them in this process.
     ``init``: a new run (no checkpoint yet) starts from the weights of this saved model directory
     (written by ``save_pruned``, e.g. an earlier export; unpruned), its shape, and a fresh optimiser
-    and schedule; recorded in the checkpoint. Ignored when resuming."""
-    from .corpus import Corpus, real_train_series
+    and schedule; recorded in the checkpoint. Ignored when resuming. ``periodic``: the corpus share
+    of clean periodic series (:func:`tsprune.corpus.periodic_series`); stored in the checkpoint,
+    whose value wins on resume."""
+    from .corpus import SOURCES, Corpus, real_train_series
 
     ckpt = pathlib.Path(ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -266,6 +270,7 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
     saved = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.is_file() else None
     if saved is not None:  # the checkpoint's shape wins over the command line's
         shape = saved["config"].get("shape", shape)
+        periodic = saved["config"].get("periodic", 0.0)
     init_sd, init_desc = None, None
     if saved is None and init is not None:
         init_sd, shape, init_desc = _init_weights(pathlib.Path(init))
@@ -279,12 +284,13 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
     model = model.to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    state = {"step": 0, "samples": 0, "wall_s": 0.0, "counts": [0, 0, 0]}
+    state = {"step": 0, "samples": 0, "wall_s": 0.0, "counts": [0] * len(SOURCES)}
     rng = np.random.default_rng(seed)
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
+        state["counts"] = list(state.get("counts", [])) + [0] * (len(SOURCES) - len(state.get("counts", [])))
         rng.bit_generator.state = saved["rng"]
         torch.set_rng_state(saved["torch_rng"])
         saved = None  # free the loaded copy: the model and optimiser hold the state now
@@ -296,26 +302,27 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         # several multi-threaded BLAS pools at once oversubscribe the cores (measured 6x slower)
         with _env(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"):
             batches = iter(torch.utils.data.DataLoader(
-                _CorpusStream(seed, state["step"], real, pool_size, batch), batch_size=None, num_workers=workers,
+                _CorpusStream(seed, state["step"], real, pool_size, batch, periodic), batch_size=None, num_workers=workers,
                 prefetch_factor=4, persistent_workers=True, pin_memory=dev.type == "cuda",
                 multiprocessing_context="spawn"))
     else:  # in this process, from the checkpointed RNG: an exact resume
         batches = _batches(Corpus(DEFAULT_CONTEXT + DEFAULT_HORIZON, DEFAULT_CONTEXT, rng, real,
-                                  pool_size=pool_size), batch)
-    counts, rejected = np.zeros(3, np.int64), 0  # since the last checkpoint / since this process started
+                                  pool_size=pool_size, periodic=periodic), batch)
+    counts, rejected = np.zeros(len(SOURCES), np.int64), 0  # since the last checkpoint / since this process started
     mon_ctx, mon_tgt = (t.to(dev) for t in _monitor_batch(seed, real))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretrain: {n_params:,} parameters; real train splits: {real_desc}; amp={'bf16' if amp else 'off'}; "
-        f"device={dev}; workers={workers}; threads={torch.get_num_threads()}; steps={steps} batch={batch} lr={lr}")
+        f"device={dev}; workers={workers}; threads={torch.get_num_threads()}; steps={steps} batch={batch} lr={lr}; "
+        f"periodic share {periodic}")
 
     def save():
-        state["counts"] = [int(a + b) for a, b in zip(state.get("counts", [0, 0, 0]), counts)]
+        state["counts"] = [int(a + b) for a, b in zip(state["counts"], counts)]
         counts[:] = 0
         _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
                       "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                       "config": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "seed": seed,
                                  "amp": amp, "real": real_desc, "shape": shape, "device": str(dev),
-                                 "workers": workers, "init": init_desc}}, ckpt)
+                                 "workers": workers, "init": init_desc, "periodic": periodic}}, ckpt)
 
     t_start = time.time()
     wall0 = state["wall_s"]
@@ -368,16 +375,18 @@ def pretrain(ckpt: pathlib.Path, steps: int = 6000, batch: int = 256, lr: float 
         log(f"pretrain: --max-minutes {max_minutes} of training reached at step {state['step']}")
     save()
     model.eval()
-    return model, info_from(state, steps, batch, lr, warmup, seed, amp, real_desc)
+    return model, info_from(state, steps, batch, lr, warmup, seed, amp, real_desc, periodic, init_desc)
 
 
-def info_from(state, steps, batch, lr, warmup, seed, amp, real_desc) -> dict:
+def info_from(state, steps, batch, lr, warmup, seed, amp, real_desc, periodic=0.0, init=None) -> dict:
+    from .corpus import SOURCES
+
+    counts = list(state["counts"]) + [0] * (len(SOURCES) - len(state["counts"]))
     return {"steps_done": int(state["step"]), "steps_planned": int(steps), "batch": batch, "lr": lr,
             "warmup": warmup, "seed": seed, "amp": "bf16" if amp else "off",
             "samples_seen": int(state["samples"]), "wall_s": round(float(state["wall_s"]), 1),
-            "source_counts": {"kernel_synth": state["counts"][0], "procedural": state["counts"][1],
-                              "real_mix": state["counts"][2]},
-            "real_train_splits": real_desc, "etth1_used": False}
+            "source_counts": {k: int(v) for k, v in zip(SOURCES, counts)}, "periodic_share": periodic,
+            "init": init, "real_train_splits": real_desc, "etth1_used": False}
 
 
 def export(ckpt: pathlib.Path, out: pathlib.Path, storage: str = "bfloat16") -> None:
@@ -389,8 +398,11 @@ def export(ckpt: pathlib.Path, out: pathlib.Path, storage: str = "bfloat16") -> 
     model = build_model(c.get("shape") or {}, seed=c["seed"])
     model.load_state_dict(saved["model"])
     model.eval()
-    info = info_from(saved["state"], c["steps"], c["batch"], c["lr"], c["warmup"], c["seed"], c["amp"], c["real"])
-    extra = {"pretrain": info, "made_by": f"python -m tsprune.pretrain --steps {c['steps']} --seed {c['seed']}"}
+    info = info_from(saved["state"], c["steps"], c["batch"], c["lr"], c["warmup"], c["seed"], c["amp"], c["real"],
+                     c.get("periodic", 0.0), c.get("init"))
+    made_by = f"python -m tsprune.pretrain --steps {c['steps']} --seed {c['seed']}" + (
+        f" --periodic {info['periodic_share']}" if info["periodic_share"] else "")
+    extra = {"pretrain": info, "made_by": made_by}
     kw = {} if storage == "float32" else {"storage_dtype": getattr(torch, storage)}
     save_pruned(model, out, extra=extra, **kw)
     print(f"exported {sum(p.numel() for p in model.parameters()):,} parameters (step {info['steps_done']}) to {out}")
@@ -413,6 +425,8 @@ def main(argv=None):
     p.add_argument("--ckpt-minutes", type=float, default=5.0)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--pool-size", type=int, default=2048)
+    p.add_argument("--periodic", type=float, default=0.0, metavar="SHARE",
+                   help="share of clean periodic series in the corpus, in [0, 1) (default 0; a resumed run keeps its own)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--init", default=None,
                    help="a new run starts from this saved model directory's weights and shape (e.g. an export)")
@@ -445,6 +459,8 @@ def main(argv=None):
         return
     if a.workers < 0:
         raise SystemExit(f"error: pretrain: --workers must be >= 0, got {a.workers}")
+    if not 0.0 <= a.periodic < 1.0:
+        raise SystemExit(f"error: pretrain: --periodic must be in [0, 1), got {a.periodic}")
     try:
         dev = pick_device(a.device)
     except ValueError as e:
@@ -452,7 +468,8 @@ def main(argv=None):
     amp = (dev.type == "cuda" or cpu_has_bf16()) if a.amp == "auto" else a.amp == "bf16"
     try:
         pretrain(pathlib.Path(a.ckpt), a.steps, a.batch, a.lr, a.warmup, a.seed, amp, a.ckpt_minutes,
-                 a.max_minutes, a.pool_size, shape, device=dev, workers=a.workers, init=a.init)
+                 a.max_minutes, a.pool_size, shape, device=dev, workers=a.workers, init=a.init,
+                 periodic=a.periodic)
     except ValueError as e:  # bad input: one line, no traceback
         raise SystemExit(f"error: {e}") from None
 

@@ -81,7 +81,7 @@ def test_corpus_mixture_and_short_contexts():
     for row in w[nan_rows]:  # missing values only as a left padding of the context
         k = np.isnan(row).sum()
         assert np.isnan(row[:k]).all() and np.isfinite(row[k:]).all() and 100 - k >= 32
-    assert (c.counts > 0).all() and c.counts.sum() == 200
+    assert (c.counts[:3] > 0).all() and c.counts[3] == 0 and c.counts.sum() == 200
     assert C.Corpus(50, 40, rng, None, pool_size=2).weights[2] == 0.0  # no real data: no real share
 
 
@@ -255,3 +255,56 @@ def test_probe_command_prints_the_default_models_scores(capsys):
     assert all(0.0 <= v < 10.0 for v in s.values()), s
     with pytest.raises(SystemExit, match="no such model directory"):
         main(["--probe", "/nonexistent/model"])
+
+
+def test_periodic_series_repeats_at_its_period():
+    """A one-component series at an exact period p (no jitter): x[t + p] - x[t] is only the noise
+    and trend, far smaller than the waveform itself."""
+    rng = np.random.default_rng(3)
+    n_checked = 0
+    for _ in range(200):
+        state = rng.bit_generator.state
+        x = C.periodic_series(rng, 600)
+        assert x.shape == (600,) and x.dtype == np.float32 and np.isfinite(x).all() and x.std() > 0
+        r = np.random.default_rng()  # replay the draws that fix the structure
+        r.bit_generator.state = state
+        if int(r.integers(1, 4)) != 1:
+            continue
+        p = float(r.choice(C.PERIODIC_PERIODS))
+        if r.random() < 0.2:
+            continue
+        kind = (r.uniform(0, p), int(r.integers(4)))[1]
+        if kind == 1:  # a pulse of random height can be ~0: nothing to repeat
+            continue
+        p = int(p)
+        diff = x[p:].astype(np.float64) - x[:-p]
+        # noise <= 0.5 sd per point (diff of two: <= 0.71 sd), trend over one period is small
+        assert diff.std() < 0.9 * x.std(), (p, kind, diff.std(), x.std())
+        n_checked += 1
+    assert n_checked >= 20
+
+
+def test_corpus_periodic_share():
+    real = [np.sin(np.arange(3000) / 7.0).astype(np.float32)]
+    off = C.Corpus(120, 100, np.random.default_rng(5), real, pool_size=4)
+    zero = C.Corpus(120, 100, np.random.default_rng(5), real, pool_size=4, periodic=0.0)
+    np.testing.assert_array_equal(off.sample(64), zero.sample(64))  # share 0: the stream of old
+    assert off.counts[3] == 0 and len(off.weights) == 3
+    half = C.Corpus(120, 100, np.random.default_rng(6), real, pool_size=4, periodic=0.5)
+    half.sample(400)
+    assert 150 < half.counts[3] < 250 and half.counts.sum() == 400
+    np.testing.assert_allclose(half.weights[:3].sum(), 0.5)
+    with pytest.raises(ValueError, match="periodic share"):
+        C.Corpus(120, 100, np.random.default_rng(6), real, pool_size=4, periodic=1.0)
+
+
+def test_pretrain_periodic_share_is_kept_on_resume(tmp_path, monkeypatch):
+    P = _tiny_pretrain(monkeypatch)
+    ck = tmp_path / "p.pt"
+    _, info1 = P.pretrain(ck, steps=3, batch=16, warmup=1, amp=False, pool_size=4, periodic=0.5)
+    assert info1["periodic_share"] == 0.5 and info1["source_counts"]["periodic"] > 0
+    _, info2 = P.pretrain(ck, steps=5, batch=16, warmup=1, amp=False, pool_size=4)  # the checkpoint's share wins
+    assert info2["periodic_share"] == 0.5 and sum(info2["source_counts"].values()) == 80
+    assert "periodic share 0.5" in (tmp_path / "p.pt.log.jsonl").read_text()
+    with pytest.raises(SystemExit, match="--periodic must be in"):
+        P.main(["--ckpt", str(tmp_path / "q.pt"), "--periodic", "1.5"])
