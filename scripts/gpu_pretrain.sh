@@ -10,7 +10,7 @@
 # On the device (device tool): run(command="bash scripts/gpu_pretrain.sh 7", carry=[".whl"], timeout_s=600)
 #   argument 1: minutes of training (default 7; the schedule decays fully within them)
 #   PRETRAIN_ARGS: more python -m tsprune.pretrain options, e.g.
-#     PRETRAIN_ARGS="--init models/candidate-bolt-2.5m --batch 512"    (continue the 2.5M candidate)
+#     PRETRAIN_ARGS="--init models/candidate-bolt-2.5m --batch 512 --periodic 0.15"  (continue the 2.5M candidate)
 #     PRETRAIN_ARGS="--d-model 256 --d-ff 1024 --heads 4 --d-kv 64"    (the official tiny shape)
 # DEVICE=cpu runs the same thing here (a smoke test of the script).
 # Back here: bash scripts/gpu_pretrain.sh --join FILES_AT models/NAME
