@@ -271,7 +271,9 @@ def main(argv=None):
         # this command's cells only (another process may be running others): finished cells drop
         # their snapshot, a failed or stopped one keeps its records
         snapshot_progress(runs, only={f"{d}_h{h}" for d, h, _ in cells})
-    g = gather(cells, runs)
+    # the table covers every standard cell (and any other asked for), not only this command's:
+    # a --cells run must not shrink a committed table to its own rows
+    g = gather(list(ALL_CELLS) + [c for c in cells if c not in ALL_CELLS], runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     payload = {"commit": commit, "model": a.model, "seeds": a.seeds, "extra_args": extra, **g}

@@ -325,7 +325,7 @@ def _run_spec(a, base, task) -> dict:
     from . import __version__
     from .journal import model_sha256
 
-    skip = {"func", "out", "progress", "threads", "resume", "dist_timeout"}
+    skip = {"func", "out", "progress", "threads", "resume", "accept_remade_drift", "dist_timeout"}
     data = hashlib.sha256()
     for ds in (task.train, task.val, task.test):
         data.update(ds.series.tobytes())
@@ -338,6 +338,21 @@ def _run_spec(a, base, task) -> dict:
     return {"options": {k: v for k, v in sorted(vars(a).items()) if k not in skip},
             "torch_threads": torch.get_num_threads(), "versions": versions,
             "model_sha256": model_sha256(base), "data_sha256": data.hexdigest(), "task": task.summary()}
+
+
+def _cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else platform's guess: recorded with each journal stage,
+    since float results of a long training differ between CPU models."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _git_commit() -> str | None:
@@ -385,6 +400,8 @@ def cmd_run(a) -> dict:
     J = Journal(out / "progress", _run_spec(a, base, task) if pre is None else {}, resume=a.resume,
                 enabled=pre is None, log=_log)
     commit, commits = _git_commit(), set()  # the commit each stage record was made at
+    cpu, cpus = _cpu_name(), set()  # and the CPU
+    drift: list[dict] = []  # remade models that did not reproduce their records (--accept-remade-drift)
     from .train import seed_everything
 
     def stage(name: str, compute, say=None) -> dict:
@@ -394,21 +411,30 @@ def cmd_run(a) -> dict:
         rec = J.get(name)
         if rec is None:
             seed_everything(a.seed)
-            rec = J.put(name, {**compute(), "_commit": commit})
+            rec = J.put(name, {**compute(), "_commit": commit, "_cpu": cpu})
         elif say:
             _log(f"resume: {name} read back")
         commits.add(rec.pop("_commit", None) or "unknown")
+        cpus.add(rec.pop("_cpu", None) or "unknown")
         if say:
             say(rec)
         return rec
 
     def same_as_recorded(what: str, recorded, remade) -> None:
         """A model re-made on resume (its saved copy was lost, or never came with the records) must
-        reproduce what its record says, else later stages would mix two different runs."""
-        if recorded != remade:
-            raise ValueError(f"--resume: {what}, made again from its record, differs from it ({recorded!r} "
-                             f"recorded, {remade!r} now): the journal was made on another machine or build; "
-                             f"remove {J.dir} to start over")
+        reproduce what its record says, else later stages would mix two different runs; with
+        --accept-remade-drift the remade model goes on and results.json lists the difference."""
+        if recorded == remade:
+            return
+        if getattr(a, "accept_remade_drift", False):
+            _log(f"resume: WARNING {what}, made again from its record, differs from it ({recorded!r} recorded, "
+                 f"{remade!r} now); going on with the remade model (--accept-remade-drift)")
+            drift.append({"what": what, "recorded": recorded, "remade": remade, "cpu": cpu, "commit": commit})
+            return
+        raise ValueError(f"--resume: {what}, made again from its record, differs from it ({recorded!r} "
+                         f"recorded, {remade!r} now): the journal was made on another machine or build; "
+                         f"remove {J.dir} to start over, or pass --accept-remade-drift to go on with the "
+                         f"remade model (results.json lists the difference)")
 
     results: dict = {"config": {**{k: v for k, v in vars(a).items() if k != "func"}, "data": task.name},
                      "task": task.summary()}
@@ -611,6 +637,9 @@ def cmd_run(a) -> dict:
         search["picked"] = {"finetune": results["finetune"]["hyper"], "prune_finetune": results["prune_finetune"]["hyper"]}
         results["search"] = search
     results["stage_commits"] = sorted(commits)  # more than one: a resumed run spanning commits
+    results["stage_cpus"] = sorted(cpus)  # more than one: a resumed run spanning machines
+    if drift:
+        results["resume_drift"] = drift
     if J.resumed:  # "seconds" below is this process's part only
         results["resumed_stages"] = sorted(set(J.resumed))
     save_pruned(keep_model, out / "pruned_model", extra={"data": task.name, "horizon": a.horizon})
@@ -882,6 +911,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "finished fine-tune, calibration and test pass is read back, not re-run); the "
                             "options, thread count, code versions, model and data must be the ones it "
                             "was started with")
+        g.add_argument("--accept-remade-drift", action="store_true",
+                       help="with --resume: a model made again because its saved copy is gone (records "
+                            "moved to another machine) that does not reproduce its record exactly is kept "
+                            "with a warning and listed in results.json 'resume_drift' (the recorded numbers "
+                            "stay as measured); without it the run stops there")
 
     cmds = (("run", cmd_run, (prune_args, ft_args, run_args)), ("prune", cmd_prune, (prune_args,)),
             ("finetune", cmd_finetune, (ft_args,)), ("evaluate", cmd_evaluate, ()))

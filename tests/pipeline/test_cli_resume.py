@@ -40,7 +40,7 @@ def _numbers(res: dict) -> dict:
         if isinstance(x, dict):
             return {k: strip(v) for k, v in x.items() if k not in {
                 "eval_seconds", "ms_per_window", "seconds", "calibration_seconds", "calibration_windows_per_second",
-                "resume", "out", "heatmap", "resumed_stages", "stage_commits", "speed", "wall_seconds", "train_seconds",
+                "resume", "out", "heatmap", "resumed_stages", "stage_commits", "stage_cpus", "speed", "wall_seconds", "train_seconds",
                 "threads", "windows_per_second"} and "seconds" not in k}
         if isinstance(x, list):
             return [strip(v) for v in x]
@@ -245,27 +245,49 @@ def test_resumed_from_records_alone_in_another_checkout(tmp_path, monkeypatch, s
     assert ba.snapshot_progress(other, store) == [] and not (store / "synthetic_h24").exists()
 
 
+def _as_if_from_another_machine(prog):
+    """Drop the saved models (as a snapshot does) and nudge the calibration records."""
+    for f in prog.iterdir():
+        if not f.name.endswith(".json") or f.name.endswith(".tag.json"):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    for f in prog.glob("calibration_*.json"):
+        rec = json.loads(f.read_text())
+        rec["val_loss_masked"] += 1e-9
+        f.write_text(json.dumps(rec))
+
+
 def test_a_remade_model_that_differs_from_its_record_is_refused(tmp_path, monkeypatch):
     """Records made elsewhere (another machine or build): the calibration re-made from its record
-    does not reproduce it, and the resume stops with one line instead of mixing two runs."""
+    does not reproduce it, and the resume stops with one line instead of mixing two runs; with
+    --accept-remade-drift it goes on and results.json lists the difference."""
     out = tmp_path / "run"
     real = _stop_at(monkeypatch, cli, "_finetune", 5)
     with pytest.raises(Stop):
         _run(out)
     monkeypatch.setattr(cli, "_finetune", real)
     prog = out / "progress"
-    for f in prog.iterdir():  # the models are lost, as in a snapshot
-        if not f.name.endswith(".json") or f.name.endswith(".tag.json"):
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
-    for f in prog.glob("calibration_*.json"):  # as if calibrated on another machine
-        rec = json.loads(f.read_text())
-        rec["val_loss_masked"] += 1e-9
-        f.write_text(json.dumps(rec))
+    _as_if_from_another_machine(prog)
     rc, log = _run(out, "--resume")
     assert rc == 2, log
     line = log.strip().splitlines()[-1]
     assert "made again from its record" in line and "val_loss_masked" in line and "another machine" in line, line
+    assert "--accept-remade-drift" in line
     assert (prog / "run.json").exists()  # nothing it had is lost
+
+    _as_if_from_another_machine(prog)
+    seeds = {f.name: json.loads(f.read_text()) for f in prog.glob("*_seed_*.json")}
+    assert seeds
+    rc, log = _run(out, "--resume", "--accept-remade-drift")
+    assert rc == 0, log
+    assert "WARNING" in log and "differs from it" in log
+    res = json.loads((out / "results.json").read_text())
+    drift = res["resume_drift"]
+    assert drift and all(d["what"].endswith("val_loss_masked") for d in drift), drift
+    assert all(abs(d["recorded"] - d["remade"] - 1e-9) < 1e-12 for d in drift), drift  # the nudge, exactly
+    assert res["stage_cpus"] and "unknown" not in res["stage_cpus"]
+    for name, rec in seeds.items():  # every recorded test number is reported as it was measured
+        kind = "finetune" if name.startswith("finetune") else "prune_finetune"
+        assert rec["mse"] in [r["mse"] for r in res[kind]["seeds"]], (name, res[kind]["seeds"])
 
 
 GRID2 = ["--grid-ptf-lr", "0.002,0.004", "--seeds", "1"]
