@@ -52,13 +52,18 @@ def test_arena_gradients_match_per_sample_autograd(criterion):
         pr.adapter.loss(m64, ctx[i : i + 1].double(), tgt[i : i + 1].double()).backward()
         per.append({n: v.grad.clone() / len(ctx) for n, v in masks.items()})
     detach_masks(m64)
+    # fp32 rounding is relative to the gradients flowing through the model, not to one mask's own:
+    # a mask whose exact gradient is 0 (the decoder's self-attention q over its single token,
+    # where the softmax is 1 whatever q is) gets fp32 residue of ~1e-13 on some CPUs
+    big = max(float(torch.stack([p[n] for p in per]).abs().max()) for n in masks)
     for n in masks:
         g = torch.stack([p[n] for p in per])
-        scale = float(g.abs().max()) + 1e-12
-        torch.testing.assert_close(pr.arena.grad_view(n).double(), g.sum(0), atol=2e-4 * scale, rtol=1e-3)
+        scale = float(g.abs().max())
+        atol = 2e-4 * scale + 1e-6 * big
+        torch.testing.assert_close(pr.arena.grad_view(n).double(), g.sum(0), atol=atol, rtol=1e-3)
         if criterion == "taylor2":
             torch.testing.assert_close(pr.arena.sq_view(n).double(), g.square().sum(0),
-                                       atol=2e-4 * scale**2, rtol=1e-3)
+                                       atol=2e-4 * scale**2 + 1e-6 * big**2, rtol=1e-3)
 
 
 def test_schedule_arithmetic_and_cap():
