@@ -380,6 +380,8 @@ def cmd_run(a) -> dict:
         raise ValueError("--search and --seeds > 1 are not supported under torchrun yet (run them in one process)")
     if D.is_dist() and a.resume:
         raise ValueError("--resume is not supported under torchrun yet (run without it)")
+    if getattr(a, "accept_remade_drift", False) and not a.resume:
+        raise ValueError("--accept-remade-drift only applies to a resumed run: pass --resume too")
     out = pathlib.Path(a.out)
     Journal.refuse_unfinished(out / "progress", a.resume)  # before any work
     if D.is_main():

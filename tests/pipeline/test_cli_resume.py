@@ -274,6 +274,10 @@ def test_a_remade_model_that_differs_from_its_record_is_refused(tmp_path, monkey
     assert "--accept-remade-drift" in line
     assert (prog / "run.json").exists()  # nothing it had is lost
 
+    rc, log = _run(out, "--accept-remade-drift")  # without --resume: a one-line refusal, nothing touched
+    assert rc == 2 and "--accept-remade-drift only applies to a resumed run" in log.strip().splitlines()[-1], log
+    assert (prog / "run.json").exists()
+
     _as_if_from_another_machine(prog)
     seeds = {f.name: json.loads(f.read_text()) for f in prog.glob("*_seed_*.json")}
     assert seeds
