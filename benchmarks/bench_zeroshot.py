@@ -12,32 +12,23 @@ naive beside them. Writes ``benchmarks/results/<name>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
-import numpy as np
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import machine, write  # noqa: E402
+from tsprune.atomic import atomic_write  # noqa: E402
 
 CELLS = (("ETTh1", 96, 512), ("ETTh2", 96, 512), ("exchange_rate", 96, 512), ("national_illness", 24, 104))
 VAL_WINDOWS = 2048
 
 
-def _val_mse(model, adapter, task) -> float:
-    """Median-forecast MSE over the task's (capped, evenly spaced) validation windows (float64 sums)."""
-    from tsprune.train import evaluate
-
-    ds = task.val
-    return float(evaluate(model, adapter, ds, 256, warmup=False)["mse"])
-
-
 def measure(path: str) -> dict:
     from tsprune.adapters import get_adapter
-    from tsprune.baselines import _score, seasonal_naive, seasonal_period
+    from tsprune.baselines import seasonal_naive_metrics
     from tsprune.data import make_task
     from tsprune.models import load_model, n_params
     from tsprune.pretrain import seasonal_probe
@@ -46,15 +37,14 @@ def measure(path: str) -> dict:
     model = load_model(path).float().eval()
     ad = get_adapter(model)
     row = {"model": path, "params": n_params(model), "probe": seasonal_probe(model)}
-    row["etth2_val_mse"] = _val_mse(model, ad, make_task("ETTh2", 512, 96, max_eval_windows=VAL_WINDOWS))
+    val = make_task("ETTh2", 512, 96, max_eval_windows=VAL_WINDOWS).val  # evenly spaced windows
+    row["etth2_val_mse"] = evaluate(model, ad, val, 256, warmup=False)["mse"]
     row["test"] = {}
     for d, h, lb in CELLS:
         task = make_task(d, lb, h)
         r = evaluate(model, ad, task.test, 256)
-        period = seasonal_period(task.meta.get("freq"))
-        sn = _score(lambda c: seasonal_naive(c, h, period), task.test, 4096)
         row["test"][f"{d}_h{h}"] = {"mse": r["mse"], "mae": r["mae"], "windows": r["windows"],
-                                    "seasonal_naive_mse": sn["mse"]}
+                                    "seasonal_naive_mse": seasonal_naive_metrics(task)["mse"]}
         print(f"{path}: {d} h{h} zero-shot test MSE {r['mse']:.4f} ({r['windows']:,} windows)", flush=True)
     return row
 
@@ -84,16 +74,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
-    torch.manual_seed(0)
-    np.random.seed(0)
-    rows = [measure(m) for m in a.models]
-    m = machine()
+    rows = [measure(m) for m in a.models]  # every step is deterministic: no seed to set
     path = write(a.name, {"rows": rows, "val_windows": VAL_WINDOWS})
-    md = markdown(rows, m)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, path.with_suffix(".md"))
+    md = markdown(rows, machine())
+    atomic_write(path.with_suffix(".md"), lambda f: f.write(md.encode()))
     print(md)
 
 

@@ -26,8 +26,8 @@ import numpy as np
 
 from .data import ForecastTask, MetricAccumulator, WindowDataset
 
-__all__ = ["seasonal_period", "seasonal_naive", "LinearBaseline", "fit_linear", "run_baselines",
-           "DEFAULT_ALPHAS"]
+__all__ = ["seasonal_period", "seasonal_naive", "seasonal_naive_metrics", "LinearBaseline", "fit_linear",
+           "run_baselines", "DEFAULT_ALPHAS"]
 
 #: Ridge strengths tried on validation, relative to the mean diagonal of the centred train Gram
 #: matrix (lambda = alpha * trace(G) / L); 0 is the minimum-norm least-squares solution.
@@ -159,18 +159,24 @@ def _score(predict, ds: WindowDataset, batch: int) -> dict:
     return {"mse": r["mse"], "mae": r["mae"]}
 
 
+def seasonal_naive_metrics(task: ForecastTask, batch: int = 4096) -> dict:
+    """Seasonal naive on ``task.test`` (its period from the task's frequency):
+    ``{mse, mae, params, test_windows, period, rule, freq, seconds}``."""
+    period = seasonal_period(task.meta.get("freq"))
+    t = time.time()
+    return {**_score(lambda c: seasonal_naive(c, task.horizon, period), task.test, batch), "params": 0,
+            "test_windows": len(task.test), "test_windows_available": task.test.n_available,
+            "period": period if period and period <= task.lookback else None,
+            "rule": (f"repeat the last {period} steps" if period and period <= task.lookback
+                     else "repeat the last value"), "freq": task.meta.get("freq"),
+            "seconds": round(time.time() - t, 2)}
+
+
 def run_baselines(task: ForecastTask, alphas=DEFAULT_ALPHAS, batch: int = 4096) -> dict:
     """Both baselines on ``task.test`` (exactly its windows, capped or not):
     ``{"seasonal_naive": {mse, mae, params, period, ...}, "linear": {mse, mae, params, alpha, ...}}``."""
-    period = seasonal_period(task.meta.get("freq"))
-    H = task.horizon
     common = {"test_windows": len(task.test), "test_windows_available": task.test.n_available}
-    t = time.time()
-    sn = {**_score(lambda c: seasonal_naive(c, H, period), task.test, batch), "params": 0, **common,
-          "period": period if period and period <= task.lookback else None,
-          "rule": (f"repeat the last {period} steps" if period and period <= task.lookback
-                   else "repeat the last value"), "freq": task.meta.get("freq"),
-          "seconds": round(time.time() - t, 2)}
+    sn = seasonal_naive_metrics(task, batch)
     t = time.time()
     lin = fit_linear(task.train, task.val, alphas, batch)
     ln = {**_score(lin.predict, task.test, batch), "params": lin.params, **common, "alpha": lin.alpha,

@@ -340,21 +340,6 @@ def _run_spec(a, base, task) -> dict:
             "model_sha256": model_sha256(base), "data_sha256": data.hexdigest(), "task": task.summary()}
 
 
-def _cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else platform's guess: recorded with each journal stage,
-    since float results of a long training differ between CPU models."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _git_commit() -> str | None:
     """The short commit of the checkout tsprune runs from, or None (an installed copy, no git)."""
     import subprocess
@@ -373,14 +358,14 @@ def cmd_run(a) -> dict:
     from .adapters import get_adapter
     from .baselines import run_baselines
     from .checkpoint import save_pruned
-    from .journal import Journal
+    from .journal import Journal, cpu_name
     from .plots import results_table
 
     if D.is_dist() and (a.search or a.seeds > 1):
         raise ValueError("--search and --seeds > 1 are not supported under torchrun yet (run them in one process)")
     if D.is_dist() and a.resume:
         raise ValueError("--resume is not supported under torchrun yet (run without it)")
-    if getattr(a, "accept_remade_drift", False) and not a.resume:
+    if a.accept_remade_drift and not a.resume:
         raise ValueError("--accept-remade-drift only applies to a resumed run: pass --resume too")
     out = pathlib.Path(a.out)
     Journal.refuse_unfinished(out / "progress", a.resume)  # before any work
@@ -402,7 +387,7 @@ def cmd_run(a) -> dict:
     J = Journal(out / "progress", _run_spec(a, base, task) if pre is None else {}, resume=a.resume,
                 enabled=pre is None, log=_log)
     commit, commits = _git_commit(), set()  # the commit each stage record was made at
-    cpu, cpus = _cpu_name(), set()  # and the CPU
+    cpu, cpus = cpu_name(), set()  # and the CPU
     drift: list[dict] = []  # remade models that did not reproduce their records (--accept-remade-drift)
     from .train import seed_everything
 
@@ -428,7 +413,7 @@ def cmd_run(a) -> dict:
         --accept-remade-drift the remade model goes on and results.json lists the difference."""
         if recorded == remade:
             return
-        if getattr(a, "accept_remade_drift", False):
+        if a.accept_remade_drift:
             _log(f"resume: WARNING {what}, made again from its record, differs from it ({recorded!r} recorded, "
                  f"{remade!r} now); going on with the remade model (--accept-remade-drift)")
             drift.append({"what": what, "recorded": recorded, "remade": remade, "cpu": cpu, "commit": commit})

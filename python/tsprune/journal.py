@@ -35,7 +35,22 @@ from torch import nn
 
 from .checkpoint import atomic_json, atomic_write, json_text
 
-__all__ = ["Journal", "model_sha256"]
+__all__ = ["Journal", "model_sha256", "cpu_name"]
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo, else platform's guess): each stage record names where it
+    was made, since the float results of a long training differ between CPU models."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def model_sha256(model: nn.Module) -> str:

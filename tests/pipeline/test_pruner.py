@@ -55,9 +55,9 @@ def test_arena_gradients_match_per_sample_autograd(criterion):
     # fp32 rounding is relative to the gradients flowing through the model, not to one mask's own:
     # a mask whose exact gradient is 0 (the decoder's self-attention q over its single token,
     # where the softmax is 1 whatever q is) gets fp32 residue of ~1e-13 on some CPUs
-    big = max(float(torch.stack([p[n] for p in per]).abs().max()) for n in masks)
-    for n in masks:
-        g = torch.stack([p[n] for p in per])
+    per_n = {n: torch.stack([p[n] for p in per]) for n in masks}  # [samples, units] per mask
+    big = max(float(g.abs().max()) for g in per_n.values())
+    for n, g in per_n.items():
         scale = float(g.abs().max())
         atol = 2e-4 * scale + 1e-6 * big
         torch.testing.assert_close(pr.arena.grad_view(n).double(), g.sum(0), atol=atol, rtol=1e-3)
